@@ -1,0 +1,251 @@
+"""CAT's caption filters: Complexity (C) and Action (A), as pure functions over spaCy Docs.
+
+Every measure takes a parsed ``spacy.tokens.Doc`` and returns an integer score; a filter keeps a
+caption when its score is at least the configured minimum. :class:`CaptionScorer` batches
+captions through ``nlp.pipe`` with only the pipeline components that the configured measures
+need. See SPEC section 1 for the definitions reproduced here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+COMPLEXITY_MEASURES = ("scene_graph", "max_children", "entity_edges")
+ACTION_MEASURES = ("verb", "nsubj_verb")
+
+# --- Complexity -----------------------------------------------------------------------------
+
+OBJECT_POS = {"NOUN", "PROPN"}
+ATTRIBUTE_DEPS = {"amod", "nummod"}
+PREP_DEPS = {"prep", "agent", "dative"}
+SUBJECT_DEPS = {"nsubj", "nsubjpass"}
+OBJECT_DEPS = {"dobj", "obj", "attr", "oprd"}
+
+
+def _is_object(tok) -> bool:
+    # A compound modifier ("tennis" in "tennis ball") is part of its head's noun phrase.
+    return tok.pos_ in OBJECT_POS and tok.dep_ != "compound"
+
+
+def _with_conjuncts(toks) -> list:
+    out = []
+    for tok in toks:
+        out.append(tok)
+        out.extend(c for c in tok.conjuncts if c.i > tok.i)
+    return [t for t in dict.fromkeys(out) if _is_object(t)]
+
+
+def _subjects(pred) -> list:
+    """The objects a predicate (verb, aux, preposition host) is said of."""
+    subj = [c for c in pred.children if c.dep_ in SUBJECT_DEPS]
+    if not subj and pred.dep_ in ("acl", "relcl") and _is_object(pred.head):
+        subj = [pred.head]
+    if not subj and pred.dep_ == "conj" and pred.head is not pred:
+        return _subjects(pred.head)
+    return _with_conjuncts(subj)
+
+
+def scene_graph_edges(doc) -> dict:
+    """Edges (attributes + relations) attached to each object node of the caption's scene graph.
+
+    Objects are noun-phrase heads (NOUN/PROPN). Attributes are adjective and number modifiers
+    (``amod``, ``nummod``, and a predicate adjective of a copula: "the car is red").
+    Relations link two objects through a preposition ("dog on a couch", "man riding on a road")
+    or a verb with a subject and an object ("a man riding a horse"); a relation adds one edge to
+    each of its two objects.
+    """
+    edges = {tok.i: 0 for tok in doc if _is_object(tok)}
+
+    def add(a, b=None):
+        if a.i in edges:
+            edges[a.i] += 1
+        if b is not None and b.i in edges and b.i != a.i:
+            edges[b.i] += 1
+
+    for tok in doc:
+        if tok.i in edges:
+            for child in tok.children:
+                if child.dep_ in ATTRIBUTE_DEPS:
+                    add(tok)
+        if tok.dep_ == "acomp" and tok.pos_ == "ADJ":
+            for subj in _subjects(tok.head):
+                add(subj)
+        if tok.dep_ in PREP_DEPS:
+            targets = _with_conjuncts(c for c in tok.children if c.dep_ == "pobj")
+            host = tok.head
+            sources = [host] if _is_object(host) else _subjects(host)
+            for a in sources:
+                for b in targets:
+                    add(a, b)
+        if tok.pos_ == "VERB":
+            objs = _with_conjuncts(c for c in tok.children if c.dep_ in OBJECT_DEPS)
+            for a in _subjects(tok):
+                for b in objs:
+                    add(a, b)
+    return edges
+
+
+def complexity_scene_graph(doc) -> int:
+    """DiHT's complexity: the most edges attached to any one object node (0 without objects)."""
+    return max(scene_graph_edges(doc).values(), default=0)
+
+
+def complexity_max_children(doc) -> int:
+    """Fondant's measure: the largest number of dependency children of any token."""
+    return max((sum(1 for _ in tok.children) for tok in doc), default=0)
+
+
+ENTITY_POS = {"NOUN", "PROPN", "PRON"}
+ENTITY_TAGS = {"NN", "NNS", "NNP", "NNPS", "PRP"}
+
+
+def entity_edge_counts(doc) -> list[int]:
+    """Data-Juicer's entity dependency counts, one per entity token.
+
+    An entity is a token with POS in {NOUN, PROPN, PRON} and tag in {NN, NNS, NNP, NNPS, PRP}.
+    Its count is 1 if it is not a sentence root, plus one for each non-punctuation child.
+    """
+    counts = {}
+    for tok in doc:
+        if tok.pos_ in ENTITY_POS and tok.tag_ in ENTITY_TAGS:
+            counts[tok.i] = 0 if tok.dep_ == "ROOT" else 1
+    for tok in doc:
+        if tok.pos_ == "PUNCT" or tok.dep_ == "ROOT":
+            continue
+        if tok.head.i in counts:
+            counts[tok.head.i] += 1
+    return list(counts.values())
+
+
+def complexity_entity_edges(doc, mode: str = "any") -> int:
+    """Largest ("any") or smallest ("all") entity count; 0 when the caption has no entity."""
+    counts = entity_edge_counts(doc)
+    if not counts:
+        return 0
+    if mode == "any":
+        return max(counts)
+    if mode == "all":
+        return min(counts)
+    raise ValueError(f"entity_mode must be 'any' or 'all', not {mode!r}")
+
+
+# --- Action -----------------------------------------------------------------------------------
+
+VERB_TAGS = {"VB", "VBD", "VBG", "VBN", "VBP", "VBZ"}
+
+
+def actions_verb(doc) -> int:
+    """Data-Juicer's action count: tokens with POS VERB and a verb tag (AUX is not an action)."""
+    return sum(1 for tok in doc if tok.pos_ == "VERB" and tok.tag_ in VERB_TAGS)
+
+
+def actions_nsubj_verb(doc) -> int:
+    """Fondant's action count: distinct VERB tokens that head an ``nsubj`` dependent."""
+    return len({tok.head.i for tok in doc if tok.dep_ == "nsubj" and tok.head.pos_ == "VERB"})
+
+
+# --- Configuration and batch scoring ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CaptionFilterConfig:
+    complexity_enabled: bool = True
+    complexity_measure: str = "scene_graph"
+    complexity_min: int = 1
+    entity_mode: str = "any"
+    action_enabled: bool = True
+    action_measure: str = "verb"
+    action_min: int = 1
+
+    def __post_init__(self):
+        if self.complexity_measure not in COMPLEXITY_MEASURES:
+            raise ValueError(f"filters.complexity.measure must be one of {COMPLEXITY_MEASURES}, "
+                             f"not {self.complexity_measure!r}")
+        if self.action_measure not in ACTION_MEASURES:
+            raise ValueError(f"filters.action.measure must be one of {ACTION_MEASURES}, "
+                             f"not {self.action_measure!r}")
+        if self.entity_mode not in ("any", "all"):
+            raise ValueError(f"filters.complexity.entity_mode must be 'any' or 'all', not {self.entity_mode!r}")
+
+    @classmethod
+    def from_config(cls, filters: dict) -> "CaptionFilterConfig":
+        c, a = filters.get("complexity", {}), filters.get("action", {})
+        return cls(
+            complexity_enabled=bool(c.get("enabled", True)),
+            complexity_measure=c.get("measure", "scene_graph"),
+            complexity_min=int(c.get("min", 1)),
+            entity_mode=c.get("entity_mode", "any"),
+            action_enabled=bool(a.get("enabled", True)),
+            action_measure=a.get("measure", "verb"),
+            action_min=int(a.get("min", 1)),
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.complexity_enabled or self.action_enabled
+
+    def complexity_fn(self) -> Callable:
+        if self.complexity_measure == "scene_graph":
+            return complexity_scene_graph
+        if self.complexity_measure == "max_children":
+            return complexity_max_children
+        mode = self.entity_mode
+        return lambda doc: complexity_entity_edges(doc, mode)
+
+    def action_fn(self) -> Callable:
+        return actions_verb if self.action_measure == "verb" else actions_nsubj_verb
+
+    def required_components(self) -> list[str]:
+        """spaCy components the enabled measures read: POS/tags always, the parser when a
+        measure reads dependencies (every measure but the ``verb`` action count)."""
+        needed = ["tok2vec", "tagger", "attribute_ruler"]
+        if self.complexity_enabled or (self.action_enabled and self.action_measure != "verb"):
+            needed.append("parser")
+        return needed
+
+
+@dataclass
+class CaptionScores:
+    complexity: list  # int or None (not evaluated)
+    num_actions: list
+    passed_complexity: list  # bool or None
+    passed_action: list
+
+
+def score_docs(docs: Iterable, cfg: CaptionFilterConfig) -> CaptionScores:
+    cfn, afn = cfg.complexity_fn(), cfg.action_fn()
+    out = CaptionScores([], [], [], [])
+    for doc in docs:
+        if cfg.complexity_enabled:
+            c = cfn(doc)
+            out.complexity.append(c)
+            out.passed_complexity.append(c >= cfg.complexity_min)
+        else:
+            out.complexity.append(None)
+            out.passed_complexity.append(None)
+        if cfg.action_enabled:
+            a = afn(doc)
+            out.num_actions.append(a)
+            out.passed_action.append(a >= cfg.action_min)
+        else:
+            out.num_actions.append(None)
+            out.passed_action.append(None)
+    return out
+
+
+class CaptionScorer:
+    """Scores lists of captions with one spaCy pipeline, loaded once."""
+
+    def __init__(self, cfg: CaptionFilterConfig, model: str = "en_core_web_sm",
+                 batch_size: int = 256, nlp=None):
+        from curation.nlp import load_english
+
+        self.cfg = cfg
+        self.batch_size = batch_size
+        self.nlp = nlp if nlp is not None else load_english(model, cfg.required_components())
+
+    def score(self, captions: Sequence[str]) -> CaptionScores:
+        if not self.cfg.enabled:
+            return score_docs((None for _ in captions), self.cfg)
+        docs = self.nlp.pipe(captions, batch_size=self.batch_size)
+        return score_docs(docs, self.cfg)

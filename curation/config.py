@@ -1,0 +1,107 @@
+"""YAML configs with ``key.sub=value`` command-line overrides.
+
+A job's configuration is built in three layers: the recipe's default YAML in ``configs/``, an
+optional user YAML (``--config FILE``) merged over it, and ``key.sub=value`` overrides on the
+command line. Override values are parsed as YAML scalars (``2`` is an int, ``false`` a bool,
+``null`` None, ``[1,2]`` a list). Keys must exist in the defaults, so a typo is an error rather
+than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied."""
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must contain a mapping at the top level")
+    return data
+
+
+def deep_merge(base: Mapping, update: Mapping, *, strict: bool = True, _prefix: str = "") -> dict:
+    """Return ``base`` updated recursively with ``update``.
+
+    With ``strict``, keys of ``update`` that ``base`` lacks raise :class:`ConfigError`, except
+    below a key whose default value is ``None`` or an empty mapping (free-form sections).
+    """
+    out = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        name = f"{_prefix}{key}"
+        if key not in out:
+            if strict:
+                raise ConfigError(f"unknown config key '{name}'")
+            out[key] = copy.deepcopy(value)
+        elif isinstance(out[key], dict) and isinstance(value, Mapping):
+            free = not out[key]
+            out[key] = deep_merge(out[key], value, strict=strict and not free, _prefix=name + ".")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse value of override '{text}': {exc}") from exc
+    return key.split("."), value
+
+
+def apply_overrides(config: Mapping, overrides: Iterable[str]) -> dict:
+    out = copy.deepcopy(dict(config))
+    for text in overrides:
+        path, value = parse_override(text)
+        nested: Any = value
+        for part in reversed(path):
+            nested = {part: nested}
+        out = deep_merge(out, nested)
+    return out
+
+
+def build_config(default: str | Path, user_file: str | Path | None = None,
+                 overrides: Iterable[str] = ()) -> dict:
+    """Defaults, then the user's YAML, then ``key=value`` overrides."""
+    config = load_yaml(default)
+    if user_file:
+        config = deep_merge(config, load_yaml(user_file))
+    return apply_overrides(config, overrides)
+
+
+def parse_cli(argv: list[str] | None, default: str | Path, description: str) -> dict:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML file merged over the defaults in " + str(default))
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="config overrides, e.g. filters.complexity.min=2")
+    args = parser.parse_args(argv)
+    try:
+        return build_config(default, args.config, args.overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))
+        raise  # unreachable; parser.error exits
+
+
+def dump(config: Mapping) -> str:
+    return yaml.safe_dump(dict(config), sort_keys=False)

@@ -1,0 +1,66 @@
+"""Safe checks on encoded image bytes (no re-encoding: the bytes travel on unchanged)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+# PIL's own decompression-bomb limit, used as the default.
+DEFAULT_MAX_PIXELS = 89_478_485
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+class BadImage(ValueError):
+    """Raised with a message fit for the stats ``error`` column."""
+
+
+def probe_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                decode: bool = True) -> tuple[int, int, str]:
+    """Return ``(width, height, format)`` of encoded image bytes or raise :class:`BadImage`.
+
+    The header is read first and the pixel count checked before any decoding, so a file that
+    claims 50,000 x 50,000 pixels costs nothing. With ``decode`` the image is also decoded
+    (JPEG in draft mode, at reduced scale) to catch corrupt and truncated files.
+    """
+    if data is None:
+        raise BadImage("no image")
+    if len(data) == 0:
+        raise BadImage("empty image (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImage(f"image too large: {exc}") from None
+    except UnidentifiedImageError:
+        raise BadImage(f"not a recognised image format ({len(data)} bytes)") from None
+    except Exception as exc:  # PIL raises many types on malformed headers
+        raise BadImage(f"unreadable image header: {type(exc).__name__}: {exc}") from None
+    width, height = img.size
+    fmt = (img.format or "").lower()
+    if width <= 0 or height <= 0:
+        raise BadImage(f"invalid image size {width}x{height}")
+    if width * height > max_pixels:
+        raise BadImage(f"image too large: {width}x{height} pixels (limit {max_pixels})")
+    if decode:
+        try:
+            if fmt == "jpeg":
+                img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            img.load()
+        except Exception as exc:
+            raise BadImage(f"corrupt image data ({fmt or 'unknown'}): {exc}") from None
+    return width, height, fmt
+
+
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None):
+    """Decode to an RGB PIL image, refusing oversized inputs, optionally downscaled."""
+    probe_image(data, max_pixels, decode=False)
+    img = Image.open(io.BytesIO(data))
+    if max_side and max(img.size) > max_side and img.format == "JPEG":
+        img.draft("RGB", (max_side, max_side))
+    img = img.convert("RGB")
+    if max_side and max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    return img

