@@ -41,7 +41,8 @@ def _subjects(pred) -> list:
     subj = [c for c in pred.children if c.dep_ in SUBJECT_DEPS]
     if not subj and pred.dep_ in ("acl", "relcl") and _is_object(pred.head):
         subj = [pred.head]
-    if not subj and pred.dep_ == "conj" and pred.head is not pred:
+    if not subj and pred.dep_ in ("conj", "advcl", "xcomp") and pred.head is not pred:
+        # "a man running and jumping", "a woman smiling while sitting": the head's subject
         return _subjects(pred.head)
     return _with_conjuncts(subj)
 
