@@ -1,0 +1,400 @@
+"""Benchmark of the CAT caption filters (Complexity + Action): raw spaCy vs the Ray Data stage.
+
+    python benchmarks/bench_caption_filters.py [--n 10000] [--actors 2] [--skip-memory]
+
+Measured in one run, side by side, on the same captions (real LAION alt-texts from
+``../shared/data/laion_captions_1000.parquet`` when present, else the demo captions, repeated
+to ``--n``):
+
+1. **Raw spaCy**: captions/s of ``nlp.pipe`` + :func:`curation.caption_filters.score_docs` in
+   this one process, with the model, components and ``nlp.pipe`` batch size the pipeline uses.
+   The model load and a one-batch warm-up are not timed.
+2. **Ray C+A stage**: captions/s of the same captions, as rows of
+   :data:`curation.ingest.ROW_SCHEMA` (status "pending", no image), through
+   ``map_batches(CaptionFilterStage, ...)`` configured as in
+   :func:`curation.pipeline.build_dataset` and consumed with ``iter_batches``, on a local Ray
+   with ``--actors`` CPUs. Start-up is excluded: a warm-up pass runs first (its time, spaCy load
+   in every actor included, is shown), then the timed pass makes the actor pool wait until every
+   actor has loaded spaCy, and its clock starts when the first ``--actors`` output batches (one
+   per actor) have arrived, so only steady-state batches are counted.
+3. The Ray stage's throughput per core (divided by ``--actors``) over the raw one; the project
+   target is >= 0.80 (a PASS/FAIL line; the exit status is 0 either way).
+4. **Streaming memory** (unless ``--skip-memory``): the whole job
+   (:func:`curation.pipeline.curate`) in a fresh subprocess on synthetic img2dataset webdataset
+   inputs of 1x and 10x the samples (same shard size, 10x the shards), sampling every 0.2 s the
+   peak RSS of the driver and the peak summed RSS (and PSS, which counts shared object-store
+   pages once) of the driver and all its descendants (local Ray's GCS, raylet and workers).
+   A streaming job's peak should not grow anywhere near 10x.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import argparse  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tarfile  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from curation.caption_filters import CaptionFilterConfig, score_docs  # noqa: E402
+from curation.config import CONFIG_DIR, build_config  # noqa: E402
+from curation.ingest import PENDING, ROW_SCHEMA, make_row  # noqa: E402
+
+CONFIG_FILE = CONFIG_DIR / "curation" / "cat_filter.yaml"
+SHARED_CAPTIONS = REPO_ROOT.parent / "shared" / "data" / "laion_captions_1000.parquet"
+TARGET_RATIO = 0.80
+SAMPLE_EVERY_S = 0.2
+
+# The memory child: the whole curation job, exactly as pipelines/cat_filter.py runs it.
+CURATE_CHILD = """
+import sys
+import ray
+from curation.config import CONFIG_DIR, build_config
+from curation.pipeline import curate
+cfg = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml", overrides=sys.argv[1:])
+try:
+    curate(cfg)
+finally:
+    ray.shutdown()
+"""
+
+
+# --- captions ---------------------------------------------------------------------------------
+
+def load_captions(n: int) -> tuple[list[str], str]:
+    """``n`` captions (the source list repeated), and where they came from."""
+    if SHARED_CAPTIONS.exists():
+        pool = pq.read_table(SHARED_CAPTIONS, columns=["caption"])["caption"].to_pylist()
+        source = f"{SHARED_CAPTIONS} (real LAION alt-texts)"
+    else:
+        from curation.demo_data import demo_samples
+
+        pool = [s["caption"] for s in demo_samples(1000, seed=0) if isinstance(s["caption"], str)]
+        source = "curation.demo_data.demo_samples (synthetic; shared captions not found)"
+    pool = [c for c in pool if c and c.strip()]
+    if not pool:
+        raise SystemExit("no captions to benchmark")
+    return [pool[i % len(pool)] for i in range(n)], f"{source}: {len(pool)} distinct"
+
+
+def checksum(complexity, num_actions, passed) -> tuple[int, int, int]:
+    """Order-independent summary of the scores, to check both paths did the same work."""
+    return sum(complexity), sum(num_actions), sum(bool(p) for p in passed)
+
+
+# --- 1. raw spaCy ---------------------------------------------------------------------------------
+
+def bench_raw_spacy(captions: list[str], cfg: dict) -> dict:
+    from curation.nlp import load_english
+
+    cap_cfg = CaptionFilterConfig.from_config(cfg["filters"])
+    model, batch_size = cfg["spacy"]["model"], int(cfg["spacy"]["batch_size"])
+    nlp = load_english(model, cap_cfg.required_components())
+    score_docs(nlp.pipe(captions[:batch_size], batch_size=batch_size), cap_cfg)  # warm-up
+
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    scores = score_docs(nlp.pipe(captions, batch_size=batch_size), cap_cfg)
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    passed = [c and a for c, a in zip(scores.passed_complexity, scores.passed_action)]
+    return {"rate": len(captions) / wall, "seconds": wall, "cpu_per_wall": cpu / wall,
+            "components": list(nlp.pipe_names), "batch_size": batch_size,
+            "checksum": checksum(scores.complexity, scores.num_actions, passed)}
+
+
+# --- 2. Ray Data caption stage ----------------------------------------------------------------------
+
+def caption_blocks(captions: list[str], rows_per_block: int) -> list[pa.Table]:
+    """The captions as reader-sized blocks of ``ROW_SCHEMA`` rows (pending, no image)."""
+    rows = [make_row(f"{i:09d}", "bench", caption=c, status=PENDING) for i, c in enumerate(captions)]
+    return [pa.Table.from_pylist(rows[i:i + rows_per_block], schema=ROW_SCHEMA)
+            for i in range(0, len(rows), rows_per_block)]
+
+
+def caption_stage(blocks: list[pa.Table], cfg: dict, actors: int):
+    """Input blocks -> caption actor pool -> drop image, as ``build_dataset`` wires it."""
+    import ray
+
+    from curation.pipeline import CaptionFilterStage
+
+    cs = cfg["stages"]["caption"]
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(CaptionFilterStage,
+                        fn_constructor_kwargs={"filters": cfg["filters"], "spacy_cfg": cfg["spacy"]},
+                        batch_size=cs["batch_size"], batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=actors),
+                        num_cpus=cs["num_cpus"], num_gpus=cs.get("num_gpus", 0))
+    return ds.drop_columns(["image"])
+
+
+def consume(ds) -> tuple[list[tuple[float, int]], list[pa.Table], float]:
+    """Iterate ``ds``; returns (arrival time, rows) per output batch, the batches, start time."""
+    arrivals, batches = [], []
+    start = time.perf_counter()
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        arrivals.append((time.perf_counter(), batch.num_rows))
+        batches.append(batch)
+    return arrivals, batches, start
+
+
+def steady_rate(arrivals: list[tuple[float, int]], start: float, actors: int) -> tuple[float, int, float, str]:
+    """Rows/s after each actor's first output batch: (rate, rows, seconds, how)."""
+    if len(arrivals) > actors:
+        t0 = arrivals[actors - 1][0]
+        rows = sum(n for _, n in arrivals[actors:])
+        secs = arrivals[-1][0] - t0
+        how = (f"timed from the arrival of output batch {actors} (each actor's first batch) "
+               f"to the last, counting the {len(arrivals) - actors} later batches")
+    else:  # too few batches for a steady window: fall back to the whole pass
+        rows, secs = sum(n for _, n in arrivals), arrivals[-1][0] - start
+        how = "WHOLE pass incl. start-up (too few batches for a steady window: raise --n)"
+    return rows / secs, rows, secs, how
+
+
+def bench_ray_stage(captions: list[str], cfg: dict, actors: int) -> dict:
+    import ray
+
+    rows_per_block = int(cfg["ingest"]["rows_per_block"])
+    batch_size = int(cfg["stages"]["caption"]["batch_size"])
+    ray.init(address="local", num_cpus=actors, include_dashboard=False, log_to_driver=False)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        # Warm-up pass: worker processes, imports, model files in the page cache.
+        warm = caption_blocks(captions[:actors * batch_size], rows_per_block)
+        t = time.perf_counter()
+        consume(caption_stage(warm, cfg, actors))
+        warmup_s = time.perf_counter() - t
+
+        # Timed pass: dispatch only once every actor has loaded spaCy.
+        ctx.wait_for_min_actors_s = 600
+        blocks = caption_blocks(captions, rows_per_block)
+        arrivals, batches, start = consume(caption_stage(blocks, cfg, actors))
+    finally:
+        ray.shutdown()
+    rate, rows, secs, how = steady_rate(arrivals, start, actors)
+    out = pa.concat_tables(batches)
+    passed = [c and a for c, a in zip(out["passed_complexity"].to_pylist(),
+                                      out["passed_action"].to_pylist())]
+    total_s = arrivals[-1][0] - start
+    return {"rate": rate, "rows": rows, "seconds": secs, "how": how, "warmup_s": warmup_s,
+            "pass_s": total_s, "pass_rate": len(captions) / total_s, "batches": len(arrivals),
+            "out_rows": out.num_rows, "batch_size": batch_size, "rows_per_block": rows_per_block,
+            "checksum": checksum(out["complexity"].to_pylist(), out["num_actions"].to_pylist(), passed)}
+
+
+# --- 4. streaming memory of the whole job --------------------------------------------------------
+
+def tiny_jpeg() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (90, 140, 200)).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def write_webdataset(folder: Path, captions: list[str], num_samples: int, shard_size: int) -> int:
+    """img2dataset ``--output_format webdataset`` output: NNNNN.tar + .parquet + _stats.json."""
+    from curation.demo_data import SIDECAR_SCHEMA, _tar_add
+
+    folder.mkdir(parents=True, exist_ok=True)
+    image = tiny_jpeg()
+    num_shards = -(-num_samples // shard_size)
+    for s in range(num_shards):
+        rows = []
+        with tarfile.open(folder / f"{s:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for j in range(min(shard_size, num_samples - s * shard_size)):
+                i, key = s * shard_size + j, f"{s:05d}{j:04d}"
+                caption = captions[i % len(captions)]
+                meta = {"url": f"http://bench.invalid/{i:08d}.jpg", "caption": caption, "key": key,
+                        "status": "success", "error_message": None, "width": 64, "height": 48,
+                        "original_width": 64, "original_height": 48, "exif": None, "sha256": None}
+                rows.append(meta)
+                _tar_add(tar, f"{key}.jpg", image)
+                _tar_add(tar, f"{key}.txt", caption.encode("utf-8"))
+                _tar_add(tar, f"{key}.json", json.dumps(meta).encode())
+        pq.write_table(pa.Table.from_pylist(rows, schema=SIDECAR_SCHEMA), folder / f"{s:05d}.parquet")
+        (folder / f"{s:05d}_stats.json").write_text(json.dumps(
+            {"count": len(rows), "successes": len(rows), "failed_to_download": 0,
+             "failed_to_resize": 0, "status_dict": {"success": len(rows)}}, indent=2))
+    return num_shards
+
+
+class MemorySampler(threading.Thread):
+    """Polls a process tree's memory until stopped; keeps the peaks."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        super().__init__(daemon=True)
+        self.root = psutil.Process(pid)
+        self.stop_event = threading.Event()
+        self.peak_driver = self.peak_tree_rss = self.peak_tree_pss = self.peak_procs = 0
+
+    def sample(self):
+        import psutil
+
+        try:
+            procs = [self.root] + self.root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        rss = pss = 0
+        for p in procs:
+            try:
+                info = p.memory_full_info()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            rss += info.rss
+            pss += getattr(info, "pss", info.rss)
+            if p.pid == self.root.pid:
+                self.peak_driver = max(self.peak_driver, info.rss)
+        self.peak_tree_rss = max(self.peak_tree_rss, rss)
+        self.peak_tree_pss = max(self.peak_tree_pss, pss)
+        self.peak_procs = max(self.peak_procs, len(procs))
+
+    def run(self):
+        while not self.stop_event.is_set():
+            self.sample()
+            self.stop_event.wait(SAMPLE_EVERY_S)
+
+
+def run_curate(input_dir: Path, output_dir: Path, log_file: Path) -> dict:
+    """The whole job in a fresh subprocess, with its memory sampled."""
+    overrides = [f"input={input_dir}", f"output={output_dir}", "progress=false", "ray.address=local"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never attach elsewhere
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    t = time.perf_counter()
+    with open(log_file, "w") as log:
+        child = subprocess.Popen([sys.executable, "-c", CURATE_CHILD, *overrides], cwd=REPO_ROOT,
+                                 env=env, stdout=log, stderr=subprocess.STDOUT)
+        sampler = MemorySampler(child.pid)
+        sampler.start()
+        rc = child.wait()
+        sampler.stop_event.set()
+        sampler.join()
+    elapsed = time.perf_counter() - t
+    if rc != 0:
+        tail = log_file.read_text().splitlines()[-30:]
+        raise RuntimeError(f"curate() failed (exit {rc}); last log lines:\n" + "\n".join(tail))
+    summary = json.loads((output_dir / "summary.json").read_text())
+    return {"elapsed_s": elapsed, "job_s": summary["elapsed_s"], "kept": summary["funnel"]["kept"],
+            "input": summary["funnel"]["input"], "committed": summary["shards"]["committed"],
+            "driver": sampler.peak_driver, "tree_rss": sampler.peak_tree_rss,
+            "tree_pss": sampler.peak_tree_pss, "procs": sampler.peak_procs}
+
+
+def bench_memory(captions: list[str], base_samples: int, shard_size: int) -> dict:
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_cat_memory_") as tmp:
+        for scale in (1, 10):
+            n = base_samples * scale
+            inp, out = Path(tmp) / f"in_{scale}x", Path(tmp) / f"out_{scale}x"
+            shards = write_webdataset(inp, captions, n, shard_size)
+            print(f"  {scale:>2}x: {n:,} samples in {shards} shards ... ", end="", flush=True)
+            r = run_curate(inp, out, Path(tmp) / f"curate_{scale}x.log")
+            r.update(samples=n, shards=shards)
+            print(f"done in {r['elapsed_s']:.1f}s ({r['kept']:,} kept, {r['committed']} shards committed)")
+            results[scale] = r
+    return results
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def print_memory(results: dict) -> None:
+    one, ten = results[1], results[10]
+    print(f"  {'':<34}{'1x':>12}{'10x':>12}{'10x/1x':>9}")
+    for label, key in (("peak driver RSS", "driver"), ("peak driver+descendants RSS", "tree_rss"),
+                       ("peak driver+descendants PSS", "tree_pss")):
+        print(f"  {label:<34}{mib(one[key]):>12}{mib(ten[key]):>12}{ten[key] / one[key]:>8.2f}x")
+    print(f"  {'processes in the tree (max)':<34}{one['procs']:>12}{ten['procs']:>12}")
+    print(f"  {'job time (summary elapsed_s)':<34}{one['job_s']:>11.1f}s{ten['job_s']:>11.1f}s")
+    grows = ten["tree_rss"] / one["tree_rss"]
+    print(f"  streaming: peak tree RSS grows {grows:.2f}x for 10x the data "
+          f"({'bounded' if grows < 2 else 'GROWING with the input'})")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=10_000, help="captions to score (default 10000)")
+    parser.add_argument("--actors", type=int, default=2,
+                        help="caption actors = CPUs of the local Ray (default 2)")
+    parser.add_argument("--skip-memory", action="store_true", help="skip the streaming-memory runs")
+    parser.add_argument("--memory-samples", type=int, default=2_000,
+                        help="samples of the 1x memory input; 10x is ten times that (default 2000)")
+    parser.add_argument("--shard-size", type=int, default=500,
+                        help="samples per shard of the memory inputs (default 500)")
+    args = parser.parse_args(argv)
+
+    import ray
+    import spacy
+
+    cfg = build_config(CONFIG_FILE)
+    captions, source = load_captions(args.n)
+    print("CAT caption filters benchmark")
+    print(f"  captions : {args.n:,} from {source}")
+    print(f"  machine  : {os.cpu_count()} CPUs; python {sys.version.split()[0]}, ray {ray.__version__}, "
+          f"spacy {spacy.__version__}")
+    print(f"  filters  : {CaptionFilterConfig.from_config(cfg['filters'])}")
+
+    print("\n[1] raw spaCy (this process; model load and a one-batch warm-up not timed)")
+    raw = bench_raw_spacy(captions, cfg)
+    print(f"  model {cfg['spacy']['model']}, components {raw['components']}, nlp.pipe batch_size "
+          f"{raw['batch_size']}")
+    print(f"  {args.n:,} captions in {raw['seconds']:.2f}s = {raw['rate']:,.0f} captions/s "
+          f"(process CPU/wall {raw['cpu_per_wall']:.2f})")
+
+    print(f"\n[2] Ray Data C+A stage (local Ray, num_cpus={args.actors}, "
+          f"ActorPoolStrategy(size={args.actors}), num_cpus=1 per actor)")
+    rs = bench_ray_stage(captions, cfg, args.actors)
+    print(f"  input blocks of {rs['rows_per_block']} rows, map_batches batch_size {rs['batch_size']}, "
+          f"{rs['batches']} output batches, {rs['out_rows']:,} rows out")
+    print(f"  warm-up pass (actor start + spaCy load + {args.actors} batches): {rs['warmup_s']:.1f}s")
+    print(f"  timed pass, whole (actors wait for spaCy load first): {rs['pass_s']:.2f}s "
+          f"= {rs['pass_rate']:,.0f} captions/s")
+    print(f"  steady state: {rs['rows']:,} captions in {rs['seconds']:.2f}s = {rs['rate']:,.0f} captions/s")
+    print(f"    ({rs['how']})")
+    same = rs["checksum"] == raw["checksum"]
+    print(f"  scores identical to raw spaCy (sum complexity, sum actions, kept): "
+          f"{'yes' if same else 'NO'} {rs['checksum']}")
+
+    per_core = rs["rate"] / args.actors
+    ratio = per_core / raw["rate"]
+    print("\n[3] summary")
+    print(f"  raw spaCy, 1 process          : {raw['rate']:>9,.0f} captions/s")
+    print(f"  Ray C+A stage, {args.actors} actors        : {rs['rate']:>9,.0f} captions/s")
+    print(f"  Ray C+A stage per core (/{args.actors})   : {per_core:>9,.0f} captions/s")
+    print(f"  ratio ray_per_core / raw      : {ratio:>9.2f}  (target >= {TARGET_RATIO:.2f})")
+    if args.actors > (os.cpu_count() or 1):
+        print(f"  note: {args.actors} actors on {os.cpu_count()} CPUs: the actors share cores")
+    print(f"  {'PASS' if ratio >= TARGET_RATIO else 'FAIL'}: Ray per-core throughput is "
+          f"{ratio:.0%} of raw spaCy (target {TARGET_RATIO:.0%})")
+
+    if args.skip_memory:
+        print("\n[4] streaming memory: skipped (--skip-memory)")
+    else:
+        print(f"\n[4] streaming memory: curate() in a fresh subprocess, default config "
+              f"(progress=false), {args.shard_size} samples per shard, tiny JPEGs, "
+              f"sampled every {SAMPLE_EVERY_S}s")
+        print_memory(bench_memory(captions, args.memory_samples, args.shard_size))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
