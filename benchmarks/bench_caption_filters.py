@@ -8,23 +8,27 @@ to ``--n``):
 
 1. **Raw spaCy**: captions/s of ``nlp.pipe`` + :func:`curation.caption_filters.score_docs` in
    this one process, with the model, components and ``nlp.pipe`` batch size the pipeline uses.
-   The model load and a one-batch warm-up are not timed.
+   Model load and a one-batch warm-up are not timed. As a control, the same work split over
+   ``--actors`` plain processes (no Ray), started together once all have loaded the model: what
+   this machine delivers per core when that many processes run at once.
 2. **Ray C+A stage**: captions/s of the same captions, as rows of
-   :data:`curation.ingest.ROW_SCHEMA` (status "pending", no image), through
-   ``map_batches(CaptionFilterStage, ...)`` configured as in
+   :data:`curation.ingest.ROW_SCHEMA` (status "pending", no image) in reader-sized blocks,
+   through ``map_batches(CaptionFilterStage, ...)`` configured as in
    :func:`curation.pipeline.build_dataset` and consumed with ``iter_batches``, on a local Ray
-   with ``--actors`` CPUs. Start-up is excluded: a warm-up pass runs first (its time, spaCy load
-   in every actor included, is shown), then the timed pass makes the actor pool wait until every
-   actor has loaded spaCy, and its clock starts when the first ``--actors`` output batches (one
-   per actor) have arrived, so only steady-state batches are counted.
+   with ``--actors`` CPUs. Start-up is excluded: the actor pool waits until every actor has
+   loaded spaCy before any batch is dispatched (``DataContext.wait_for_min_actors_s``), and the
+   clock starts when the first ``--actors`` output batches (one per actor) have arrived, so only
+   steady-state batches count. A second pass appends ``build_dataset``'s
+   ``drop_columns(["image"])`` to show whether its output still streams to the driver.
 3. The Ray stage's throughput per core (divided by ``--actors``) over the raw one; the project
    target is >= 0.80 (a PASS/FAIL line; the exit status is 0 either way).
 4. **Streaming memory** (unless ``--skip-memory``): the whole job
-   (:func:`curation.pipeline.curate`) in a fresh subprocess on synthetic img2dataset webdataset
-   inputs of 1x and 10x the samples (same shard size, 10x the shards), sampling every 0.2 s the
-   peak RSS of the driver and the peak summed RSS (and PSS, which counts shared object-store
-   pages once) of the driver and all its descendants (local Ray's GCS, raylet and workers).
-   A streaming job's peak should not grow anywhere near 10x.
+   (:func:`curation.pipeline.curate`, default config) in a fresh subprocess on synthetic
+   img2dataset webdataset inputs of 1x and 10x the samples (same shard size, 10x the shards),
+   sampling every 0.2 s the peak RSS of the driver and the peak summed RSS (and PSS, which
+   counts shared object-store pages once) of the driver and all its descendants (local Ray's
+   GCS, raylet and workers), and when each shard got committed. A streaming job's peak should
+   not grow anywhere near 10x, and shards should be committed while the job runs.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import argparse  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tarfile  # noqa: E402
@@ -59,18 +66,22 @@ SHARED_CAPTIONS = REPO_ROOT.parent / "shared" / "data" / "laion_captions_1000.pa
 TARGET_RATIO = 0.80
 SAMPLE_EVERY_S = 0.2
 
-# The memory child: the whole curation job, exactly as pipelines/cat_filter.py runs it.
+# The memory child: the whole curation job, as pipelines/cat_filter.py runs it. Its log lines
+# carry the seconds since start, to see when shards get committed.
 CURATE_CHILD = """
-import sys
+import sys, time
 import ray
 from curation.config import CONFIG_DIR, build_config
 from curation.pipeline import curate
+t0 = time.perf_counter()
+log = lambda msg: print(f"[t={time.perf_counter() - t0:.2f}] {msg}", flush=True)
 cfg = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml", overrides=sys.argv[1:])
 try:
-    curate(cfg)
+    curate(cfg, log=log)
 finally:
     ray.shutdown()
 """
+COMMIT_LINE = re.compile(r"^\[t=([\d.]+)\] shard \S+: \d+ samples")
 
 
 # --- captions ---------------------------------------------------------------------------------
@@ -88,31 +99,66 @@ def load_captions(n: int) -> tuple[list[str], str]:
     pool = [c for c in pool if c and c.strip()]
     if not pool:
         raise SystemExit("no captions to benchmark")
-    return [pool[i % len(pool)] for i in range(n)], f"{source}: {len(pool)} distinct"
+    return [pool[i % len(pool)] for i in range(n)], f"{source}, {len(pool)} distinct"
 
 
-def checksum(complexity, num_actions, passed) -> tuple[int, int, int]:
-    """Order-independent summary of the scores, to check both paths did the same work."""
-    return sum(complexity), sum(num_actions), sum(bool(p) for p in passed)
+def checksum(complexity, num_actions, passed_c, passed_a) -> tuple[int, int, int]:
+    """Order-independent summary of the scores, to check that both paths did the same work."""
+    return sum(complexity), sum(num_actions), sum(bool(c and a) for c, a in zip(passed_c, passed_a))
 
 
 # --- 1. raw spaCy ---------------------------------------------------------------------------------
 
-def bench_raw_spacy(captions: list[str], cfg: dict) -> dict:
+def load_scorer(cfg: dict):
+    """The pipeline's spaCy model with the components its filters need, warm."""
     from curation.nlp import load_english
 
     cap_cfg = CaptionFilterConfig.from_config(cfg["filters"])
-    model, batch_size = cfg["spacy"]["model"], int(cfg["spacy"]["batch_size"])
-    nlp = load_english(model, cap_cfg.required_components())
-    score_docs(nlp.pipe(captions[:batch_size], batch_size=batch_size), cap_cfg)  # warm-up
+    batch_size = int(cfg["spacy"]["batch_size"])
+    nlp = load_english(cfg["spacy"]["model"], cap_cfg.required_components())
+    return nlp, cap_cfg, batch_size
 
+
+def score_timed(nlp, cap_cfg, batch_size: int, captions: list[str]) -> dict:
+    score_docs(nlp.pipe(captions[:batch_size], batch_size=batch_size), cap_cfg)  # warm-up
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    scores = score_docs(nlp.pipe(captions, batch_size=batch_size), cap_cfg)
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    passed = [c and a for c, a in zip(scores.passed_complexity, scores.passed_action)]
-    return {"rate": len(captions) / wall, "seconds": wall, "cpu_per_wall": cpu / wall,
-            "components": list(nlp.pipe_names), "batch_size": batch_size,
-            "checksum": checksum(scores.complexity, scores.num_actions, passed)}
+    s = score_docs(nlp.pipe(captions, batch_size=batch_size), cap_cfg)
+    wall1, cpu1 = time.perf_counter(), time.process_time()
+    return {"start": wall0, "end": wall1, "rows": len(captions), "cpu_s": cpu1 - cpu0,
+            "checksum": checksum(s.complexity, s.num_actions, s.passed_complexity, s.passed_action)}
+
+
+def bench_raw_spacy(captions: list[str], cfg: dict) -> dict:
+    nlp, cap_cfg, batch_size = load_scorer(cfg)
+    r = score_timed(nlp, cap_cfg, batch_size, captions)
+    wall = r["end"] - r["start"]
+    return {"rate": len(captions) / wall, "seconds": wall, "cpu_per_wall": r["cpu_s"] / wall,
+            "components": list(nlp.pipe_names), "batch_size": batch_size, "checksum": r["checksum"]}
+
+
+def _parallel_worker(captions, cfg, barrier, results):
+    nlp, cap_cfg, batch_size = load_scorer(cfg)
+    score_docs(nlp.pipe(captions[:batch_size], batch_size=batch_size), cap_cfg)
+    barrier.wait()  # every process has loaded the model: start together
+    results.put(score_timed(nlp, cap_cfg, batch_size, captions))
+
+
+def bench_raw_parallel(captions: list[str], cfg: dict, procs: int) -> dict:
+    """The same work split over ``procs`` fresh processes (no Ray), timed from a common start."""
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(procs), ctx.Queue()
+    chunk = -(-len(captions) // procs)
+    workers = [ctx.Process(target=_parallel_worker,
+                           args=(captions[i * chunk:(i + 1) * chunk], cfg, barrier, results))
+               for i in range(procs)]
+    for w in workers:
+        w.start()
+    runs = [results.get() for _ in workers]
+    for w in workers:
+        w.join()
+    wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
+    return {"rate": sum(r["rows"] for r in runs) / wall, "seconds": wall,
+            "cpu_per_wall": sum(r["cpu_s"] for r in runs) / wall}
 
 
 # --- 2. Ray Data caption stage ----------------------------------------------------------------------
@@ -124,8 +170,9 @@ def caption_blocks(captions: list[str], rows_per_block: int) -> list[pa.Table]:
             for i in range(0, len(rows), rows_per_block)]
 
 
-def caption_stage(blocks: list[pa.Table], cfg: dict, actors: int):
-    """Input blocks -> caption actor pool -> drop image, as ``build_dataset`` wires it."""
+def caption_stage(blocks: list[pa.Table], cfg: dict, actors: int, drop_image: bool):
+    """Input blocks -> the caption actor pool exactly as ``build_dataset`` configures it
+    (with ``--actors`` actors), optionally followed by its ``drop_columns(["image"])``."""
     import ray
 
     from curation.pipeline import CaptionFilterStage
@@ -137,81 +184,75 @@ def caption_stage(blocks: list[pa.Table], cfg: dict, actors: int):
                         batch_size=cs["batch_size"], batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=actors),
                         num_cpus=cs["num_cpus"], num_gpus=cs.get("num_gpus", 0))
-    return ds.drop_columns(["image"])
+    return ds.drop_columns(["image"]) if drop_image else ds
 
 
-def consume(ds) -> tuple[list[tuple[float, int]], list[pa.Table], float]:
-    """Iterate ``ds``; returns (arrival time, rows) per output batch, the batches, start time."""
+def consume(ds) -> tuple[float, list[tuple[float, int]], pa.Table]:
+    """Iterate ``ds``; returns the start time, (arrival time, rows) per output batch, all rows."""
     arrivals, batches = [], []
     start = time.perf_counter()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         arrivals.append((time.perf_counter(), batch.num_rows))
         batches.append(batch)
-    return arrivals, batches, start
+    return start, arrivals, pa.concat_tables(batches)
 
 
 def steady_rate(arrivals: list[tuple[float, int]], start: float, actors: int) -> tuple[float, int, float, str]:
     """Rows/s after each actor's first output batch: (rate, rows, seconds, how)."""
-    if len(arrivals) > actors:
+    if len(arrivals) >= 2 * actors:  # at least one full round after the first
         t0 = arrivals[actors - 1][0]
-        rows = sum(n for _, n in arrivals[actors:])
-        secs = arrivals[-1][0] - t0
-        how = (f"timed from the arrival of output batch {actors} (each actor's first batch) "
-               f"to the last, counting the {len(arrivals) - actors} later batches")
+        rows, secs = sum(n for _, n in arrivals[actors:]), arrivals[-1][0] - t0
+        how = (f"from the arrival of output batch {actors} (one first batch per actor) to the "
+               f"last: the {len(arrivals) - actors} later batches")
     else:  # too few batches for a steady window: fall back to the whole pass
         rows, secs = sum(n for _, n in arrivals), arrivals[-1][0] - start
-        how = "WHOLE pass incl. start-up (too few batches for a steady window: raise --n)"
+        how = "WHOLE pass incl. actor start-up (too few batches for a steady window: raise --n)"
     return rows / secs, rows, secs, how
 
 
 def bench_ray_stage(captions: list[str], cfg: dict, actors: int) -> dict:
     import ray
 
-    rows_per_block = int(cfg["ingest"]["rows_per_block"])
-    batch_size = int(cfg["stages"]["caption"]["batch_size"])
+    blocks = caption_blocks(captions, int(cfg["ingest"]["rows_per_block"]))
     ray.init(address="local", num_cpus=actors, include_dashboard=False, log_to_driver=False)
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
-        # Warm-up pass: worker processes, imports, model files in the page cache.
-        warm = caption_blocks(captions[:actors * batch_size], rows_per_block)
-        t = time.perf_counter()
-        consume(caption_stage(warm, cfg, actors))
-        warmup_s = time.perf_counter() - t
-
-        # Timed pass: dispatch only once every actor has loaded spaCy.
-        ctx.wait_for_min_actors_s = 600
-        blocks = caption_blocks(captions, rows_per_block)
-        arrivals, batches, start = consume(caption_stage(blocks, cfg, actors))
+        ctx.wait_for_min_actors_s = 600  # dispatch only once every actor has loaded spaCy
+        start, arrivals, out = consume(caption_stage(blocks, cfg, actors, drop_image=False))
+        d_start, d_arrivals, d_out = consume(caption_stage(blocks, cfg, actors, drop_image=True))
     finally:
         ray.shutdown()
     rate, rows, secs, how = steady_rate(arrivals, start, actors)
-    out = pa.concat_tables(batches)
-    passed = [c and a for c, a in zip(out["passed_complexity"].to_pylist(),
-                                      out["passed_action"].to_pylist())]
-    total_s = arrivals[-1][0] - start
-    return {"rate": rate, "rows": rows, "seconds": secs, "how": how, "warmup_s": warmup_s,
-            "pass_s": total_s, "pass_rate": len(captions) / total_s, "batches": len(arrivals),
-            "out_rows": out.num_rows, "batch_size": batch_size, "rows_per_block": rows_per_block,
-            "checksum": checksum(out["complexity"].to_pylist(), out["num_actions"].to_pylist(), passed)}
+    sums = checksum(*(out[c].to_pylist() for c in
+                      ("complexity", "num_actions", "passed_complexity", "passed_action")))
+    return {"rate": rate, "rows": rows, "seconds": secs, "how": how, "batches": len(arrivals),
+            "first_batch_s": arrivals[0][0] - start, "pass_s": arrivals[-1][0] - start,
+            "out_rows": out.num_rows, "blocks": len(blocks), "checksum": sums,
+            "drop": {"first_batch_s": d_arrivals[0][0] - d_start, "pass_s": d_arrivals[-1][0] - d_start,
+                     "out_rows": d_out.num_rows, "has_image": "image" in d_out.column_names}}
 
 
 # --- 4. streaming memory of the whole job --------------------------------------------------------
 
-def tiny_jpeg() -> bytes:
+def sample_jpeg(side: int) -> bytes:
+    """One noisy JPEG (noise compresses like a photo, not like a flat colour)."""
     from PIL import Image
 
+    noise = random.Random(0).randbytes(side * side * 3)
     buf = io.BytesIO()
-    Image.new("RGB", (64, 48), (90, 140, 200)).save(buf, format="JPEG", quality=85)
+    Image.frombytes("RGB", (side, side), noise).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
-def write_webdataset(folder: Path, captions: list[str], num_samples: int, shard_size: int) -> int:
+def write_webdataset(folder: Path, captions: list[str], num_samples: int, shard_size: int,
+                     image: bytes) -> int:
     """img2dataset ``--output_format webdataset`` output: NNNNN.tar + .parquet + _stats.json."""
     from curation.demo_data import SIDECAR_SCHEMA, _tar_add
+    from PIL import Image
 
+    width, height = Image.open(io.BytesIO(image)).size
     folder.mkdir(parents=True, exist_ok=True)
-    image = tiny_jpeg()
     num_shards = -(-num_samples // shard_size)
     for s in range(num_shards):
         rows = []
@@ -220,8 +261,8 @@ def write_webdataset(folder: Path, captions: list[str], num_samples: int, shard_
                 i, key = s * shard_size + j, f"{s:05d}{j:04d}"
                 caption = captions[i % len(captions)]
                 meta = {"url": f"http://bench.invalid/{i:08d}.jpg", "caption": caption, "key": key,
-                        "status": "success", "error_message": None, "width": 64, "height": 48,
-                        "original_width": 64, "original_height": 48, "exif": None, "sha256": None}
+                        "status": "success", "error_message": None, "width": width, "height": height,
+                        "original_width": width, "original_height": height, "exif": None, "sha256": None}
                 rows.append(meta)
                 _tar_add(tar, f"{key}.jpg", image)
                 _tar_add(tar, f"{key}.txt", caption.encode("utf-8"))
@@ -286,26 +327,28 @@ def run_curate(input_dir: Path, output_dir: Path, log_file: Path) -> dict:
         sampler.stop_event.set()
         sampler.join()
     elapsed = time.perf_counter() - t
+    lines = log_file.read_text().splitlines()
     if rc != 0:
-        tail = log_file.read_text().splitlines()[-30:]
-        raise RuntimeError(f"curate() failed (exit {rc}); last log lines:\n" + "\n".join(tail))
+        raise RuntimeError(f"curate() failed (exit {rc}); last log lines:\n" + "\n".join(lines[-30:]))
+    commits = [float(m.group(1)) for m in map(COMMIT_LINE.match, lines) if m]
     summary = json.loads((output_dir / "summary.json").read_text())
     return {"elapsed_s": elapsed, "job_s": summary["elapsed_s"], "kept": summary["funnel"]["kept"],
-            "input": summary["funnel"]["input"], "committed": summary["shards"]["committed"],
+            "committed": summary["shards"]["committed"],
+            "first_commit_s": min(commits, default=float("nan")),
+            "last_commit_s": max(commits, default=float("nan")),
             "driver": sampler.peak_driver, "tree_rss": sampler.peak_tree_rss,
             "tree_pss": sampler.peak_tree_pss, "procs": sampler.peak_procs}
 
 
-def bench_memory(captions: list[str], base_samples: int, shard_size: int) -> dict:
+def bench_memory(captions: list[str], base_samples: int, shard_size: int, image: bytes) -> dict:
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_cat_memory_") as tmp:
         for scale in (1, 10):
             n = base_samples * scale
             inp, out = Path(tmp) / f"in_{scale}x", Path(tmp) / f"out_{scale}x"
-            shards = write_webdataset(inp, captions, n, shard_size)
+            shards = write_webdataset(inp, captions, n, shard_size, image)
             print(f"  {scale:>2}x: {n:,} samples in {shards} shards ... ", end="", flush=True)
             r = run_curate(inp, out, Path(tmp) / f"curate_{scale}x.log")
-            r.update(samples=n, shards=shards)
             print(f"done in {r['elapsed_s']:.1f}s ({r['kept']:,} kept, {r['committed']} shards committed)")
             results[scale] = r
     return results
@@ -319,15 +362,20 @@ def mib(n: int) -> str:
 
 def print_memory(results: dict) -> None:
     one, ten = results[1], results[10]
-    print(f"  {'':<34}{'1x':>12}{'10x':>12}{'10x/1x':>9}")
+    print(f"  {'':<36}{'1x':>11}{'10x':>11}{'10x/1x':>9}")
     for label, key in (("peak driver RSS", "driver"), ("peak driver+descendants RSS", "tree_rss"),
                        ("peak driver+descendants PSS", "tree_pss")):
-        print(f"  {label:<34}{mib(one[key]):>12}{mib(ten[key]):>12}{ten[key] / one[key]:>8.2f}x")
-    print(f"  {'processes in the tree (max)':<34}{one['procs']:>12}{ten['procs']:>12}")
-    print(f"  {'job time (summary elapsed_s)':<34}{one['job_s']:>11.1f}s{ten['job_s']:>11.1f}s")
+        print(f"  {label:<36}{mib(one[key]):>11}{mib(ten[key]):>11}{ten[key] / one[key]:>8.2f}x")
+    print(f"  {'processes in the tree (max)':<36}{one['procs']:>11}{ten['procs']:>11}")
+    for label, key in (("child wall time", "elapsed_s"), ("first shard committed at", "first_commit_s"),
+                       ("last shard committed at", "last_commit_s")):
+        print(f"  {label:<36}{one[key]:>10.1f}s{ten[key]:>10.1f}s")
     grows = ten["tree_rss"] / one["tree_rss"]
-    print(f"  streaming: peak tree RSS grows {grows:.2f}x for 10x the data "
+    print(f"  peak tree RSS grows {grows:.2f}x for 10x the data "
           f"({'bounded' if grows < 2 else 'GROWING with the input'})")
+    span = ten["last_commit_s"] - ten["first_commit_s"]
+    print(f"  10x: shards committed over the last {span:.1f}s of a {ten['elapsed_s']:.1f}s job "
+          f"(first commit at {ten['first_commit_s'] / ten['elapsed_s']:.0%} of the run)")
 
 
 def main(argv=None) -> int:
@@ -340,12 +388,15 @@ def main(argv=None) -> int:
                         help="samples of the 1x memory input; 10x is ten times that (default 2000)")
     parser.add_argument("--shard-size", type=int, default=500,
                         help="samples per shard of the memory inputs (default 500)")
+    parser.add_argument("--image-side", type=int, default=128,
+                        help="side of the JPEG reused for every memory-input sample (default 128)")
     args = parser.parse_args(argv)
 
     import ray
     import spacy
 
     cfg = build_config(CONFIG_FILE)
+    cs = cfg["stages"]["caption"]
     captions, source = load_captions(args.n)
     print("CAT caption filters benchmark")
     print(f"  captions : {args.n:,} from {source}")
@@ -353,46 +404,66 @@ def main(argv=None) -> int:
           f"spacy {spacy.__version__}")
     print(f"  filters  : {CaptionFilterConfig.from_config(cfg['filters'])}")
 
-    print("\n[1] raw spaCy (this process; model load and a one-batch warm-up not timed)")
+    print("\n[1] raw spaCy (model load and a one-batch warm-up not timed)")
     raw = bench_raw_spacy(captions, cfg)
-    print(f"  model {cfg['spacy']['model']}, components {raw['components']}, nlp.pipe batch_size "
-          f"{raw['batch_size']}")
-    print(f"  {args.n:,} captions in {raw['seconds']:.2f}s = {raw['rate']:,.0f} captions/s "
-          f"(process CPU/wall {raw['cpu_per_wall']:.2f})")
+    print(f"  model {cfg['spacy']['model']}, components {raw['components']}, "
+          f"nlp.pipe batch_size {raw['batch_size']}")
+    print(f"  1 process        : {args.n:,} captions in {raw['seconds']:.2f}s = {raw['rate']:,.0f} captions/s "
+          f"(CPU/wall {raw['cpu_per_wall']:.2f})")
+    par = bench_raw_parallel(captions, cfg, args.actors)
+    par_eff = par["rate"] / args.actors / raw["rate"]
+    print(f"  {args.actors} processes (no Ray, control): {par['seconds']:.2f}s = {par['rate']:,.0f} captions/s"
+          f" = {par['rate'] / args.actors:,.0f}/process (CPU/wall {par['cpu_per_wall']:.2f}); "
+          f"per-process efficiency {par_eff:.2f}")
 
-    print(f"\n[2] Ray Data C+A stage (local Ray, num_cpus={args.actors}, "
-          f"ActorPoolStrategy(size={args.actors}), num_cpus=1 per actor)")
+    print(f"\n[2] Ray Data C+A stage (local Ray with num_cpus={args.actors}; "
+          f"ActorPoolStrategy(size={args.actors}), num_cpus={cs['num_cpus']} per actor, "
+          f"batch_size={cs['batch_size']}, batch_format=pyarrow)")
     rs = bench_ray_stage(captions, cfg, args.actors)
-    print(f"  input blocks of {rs['rows_per_block']} rows, map_batches batch_size {rs['batch_size']}, "
+    print(f"  {rs['blocks']} input blocks of {cfg['ingest']['rows_per_block']} rows; "
           f"{rs['batches']} output batches, {rs['out_rows']:,} rows out")
-    print(f"  warm-up pass (actor start + spaCy load + {args.actors} batches): {rs['warmup_s']:.1f}s")
-    print(f"  timed pass, whole (actors wait for spaCy load first): {rs['pass_s']:.2f}s "
-          f"= {rs['pass_rate']:,.0f} captions/s")
+    print(f"  actor start-up (spawn + spaCy load) + first batch: {rs['first_batch_s']:.1f}s; "
+          f"whole pass {rs['pass_s']:.1f}s")
     print(f"  steady state: {rs['rows']:,} captions in {rs['seconds']:.2f}s = {rs['rate']:,.0f} captions/s")
-    print(f"    ({rs['how']})")
+    print(f"    (timed {rs['how']})")
     same = rs["checksum"] == raw["checksum"]
     print(f"  scores identical to raw spaCy (sum complexity, sum actions, kept): "
           f"{'yes' if same else 'NO'} {rs['checksum']}")
+    d = rs["drop"]
+    streams = d["first_batch_s"] < 0.8 * d["pass_s"]
+    print(f"  + build_dataset's drop_columns(['image']): first output batch at {d['first_batch_s']:.1f}s, "
+          f"last at {d['pass_s']:.1f}s, {d['out_rows']:,} rows -> "
+          + ("output streams" if streams else
+             "NO output until the actor pool is done (drop_columns tasks wait for a free CPU)"))
 
     per_core = rs["rate"] / args.actors
     ratio = per_core / raw["rate"]
     print("\n[3] summary")
-    print(f"  raw spaCy, 1 process          : {raw['rate']:>9,.0f} captions/s")
-    print(f"  Ray C+A stage, {args.actors} actors        : {rs['rate']:>9,.0f} captions/s")
-    print(f"  Ray C+A stage per core (/{args.actors})   : {per_core:>9,.0f} captions/s")
-    print(f"  ratio ray_per_core / raw      : {ratio:>9.2f}  (target >= {TARGET_RATIO:.2f})")
+    print(f"  raw spaCy, 1 process             : {raw['rate']:>8,.0f} captions/s")
+    print(f"  raw spaCy, {args.actors} processes, per process : {par['rate'] / args.actors:>8,.0f} captions/s "
+          f"(machine's own per-core efficiency {par_eff:.2f})")
+    print(f"  Ray C+A stage, {args.actors} actors          : {rs['rate']:>8,.0f} captions/s")
+    print(f"  Ray C+A stage per core (/{args.actors})     : {per_core:>8,.0f} captions/s")
+    print(f"  ratio ray_per_core / raw         : {ratio:>8.2f}  (target >= {TARGET_RATIO:.2f})")
+    print(f"  ratio ray / raw {args.actors} processes      : {rs['rate'] / par['rate']:>8.2f}  "
+          f"(Ray's own overhead, same parallelism)")
     if args.actors > (os.cpu_count() or 1):
         print(f"  note: {args.actors} actors on {os.cpu_count()} CPUs: the actors share cores")
+    if par_eff < TARGET_RATIO:
+        print(f"  note: {args.actors} plain processes already reach only {par_eff:.0%} of one process's "
+              f"speed each on this machine: the per-core target is bounded by the hardware here")
     print(f"  {'PASS' if ratio >= TARGET_RATIO else 'FAIL'}: Ray per-core throughput is "
           f"{ratio:.0%} of raw spaCy (target {TARGET_RATIO:.0%})")
 
     if args.skip_memory:
         print("\n[4] streaming memory: skipped (--skip-memory)")
     else:
+        image = sample_jpeg(args.image_side)
         print(f"\n[4] streaming memory: curate() in a fresh subprocess, default config "
-              f"(progress=false), {args.shard_size} samples per shard, tiny JPEGs, "
+              f"(progress=false, local Ray with all CPUs), {args.shard_size} samples per shard, one "
+              f"{args.image_side}x{args.image_side} JPEG ({len(image):,} bytes) per sample, "
               f"sampled every {SAMPLE_EVERY_S}s")
-        print_memory(bench_memory(captions, args.memory_samples, args.shard_size))
+        print_memory(bench_memory(captions, args.memory_samples, args.shard_size, image))
     return 0
 
 

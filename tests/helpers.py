@@ -82,7 +82,7 @@ def read_output_samples(out_dir) -> dict:
 
     urls = sorted(str(p) for p in (out_dir / "shards").glob("*.tar"))
     samples = {}
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+    for sample in wds.WebDataset(urls, shardshuffle=False):
         assert sample["__key__"] not in samples, "duplicate sample in the shards"
         samples[sample["__key__"]] = sample
     return samples
