@@ -169,3 +169,21 @@ def test_stats_are_queryable_with_duckdb(ray_session, demo_input, tmp_path):
     rows = duckdb.sql(f"SELECT status, count(*) FROM '{out}/stats/*.parquet' GROUP BY status").fetchall()
     assert sum(n for _, n in rows) == 120
     assert pq.read_schema(next((out / "stats").glob("*.parquet"))).field("text_overlap")
+
+
+def test_readme_demo_funnel_is_true(ray_session, tmp_path):
+    """The funnel quoted in README.md is what the default demo produces."""
+    import re
+
+    readme = (CONFIG_DIR.parent / "README.md").read_text()
+    block = readme.split("CAT filter funnel (all committed shards):", 1)[1].split("```", 1)[0]
+    quoted = {name.strip(): int(n) for name, n in re.findall(r"^\s+([a-z ]+?)\s+(\d+)$", block, re.M)}
+    cfg = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml",
+                       overrides=[f"output={tmp_path / 'out'}", f"demo.output={tmp_path / 'demo'}",
+                                  "progress=false"])
+    f = curate(cfg, log=lambda *_: None)["funnel"]
+    names = {"input samples": "input", "not downloaded": "not_downloaded", "errors": "errors",
+             "evaluated": "evaluated", "passed complexity": "passed_complexity",
+             "passed action": "passed_action", "passed text spotting": "passed_text_spotting",
+             "kept": "kept"}
+    assert quoted == {k: f[v] for k, v in names.items()}
