@@ -79,7 +79,9 @@ def loopback_downloads(tmp_path_factory):
 def test_curates_real_img2dataset_output(ray_session, loopback_downloads, tmp_path, fmt):
     outs, n_urls = loopback_downloads
     out = tmp_path / "cur"
-    summary = curate_quiet(make_cfg(outs[fmt], out))
+    # any fsspec URL works for input and output; exercise the URL form on one of the two
+    src, dst = (f"file://{outs[fmt]}", f"file://{out}") if fmt == "parquet" else (outs[fmt], out)
+    summary = curate_quiet(make_cfg(src, dst))
     stats, samples = assert_accounting(outs[fmt], out)
     assert len(stats) == n_urls
     assert summary["funnel"]["not_downloaded"] == 2  # the empty and the missing file

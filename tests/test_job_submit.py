@@ -57,7 +57,12 @@ def test_cat_filter_runs_as_a_ray_job(tmp_path):
     (tmp_path / "token").write_text(secrets.token_hex(32))  # this cluster's own auth token
     head = subprocess.Popen([f"{bindir}/ray", "start", "--head", f"--port={_free_port()}",
                              f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
-                             "--disable-usage-stats", f"--temp-dir={temp_dir}", "--block"],
+                             "--disable-usage-stats", f"--temp-dir={temp_dir}", "--block",
+                             # fixed default ports would clash with any other Ray on this machine
+                             f"--dashboard-agent-listen-port={_free_port()}",
+                             f"--dashboard-agent-grpc-port={_free_port()}",
+                             f"--metrics-export-port={_free_port()}",
+                             f"--runtime-env-agent-port={_free_port()}"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
@@ -66,12 +71,12 @@ def test_cat_filter_runs_as_a_ray_job(tmp_path):
                "--working-dir", ".", "--", "python", "pipelines/cat_filter.py",
                f"output={out}", "progress=false", "demo.num_samples=60", "demo.num_shards=2",
                f"demo.output={tmp_path / 'demo'}"]
-        deadline, res = time.time() + 120, None
+        deadline, res = time.time() + 300, None
         while time.time() < deadline:  # the dashboard's job server takes a while to come up
             res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-            if res.returncode == 0 or "succeeded" in res.stdout or "Job '" in res.stdout:
-                break
-            time.sleep(3)
+            if res.returncode == 0 or "submitted successfully" in res.stdout:
+                break  # ran (or failed for real): do not resubmit
+            time.sleep(5)  # "No available agent to submit job" while the head starts up
         assert res is not None and res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
         assert "succeeded" in res.stdout and "CAT filter funnel" in res.stdout
         summary = json.loads((out / "summary.json").read_text())
