@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 import time
 from collections import defaultdict
 
@@ -202,7 +201,7 @@ def curate(cfg: dict, log=print) -> dict:
         "input": input_url,
         "output": cfg["output"],
         "config": cfg,
-        "versions": versions(cfg),
+        "versions": versions(),
         "elapsed_s": round(time.time() - started, 2),
     }
     out.write_json("shards/sizes.json", sizes(stats))
@@ -214,7 +213,7 @@ def curate(cfg: dict, log=print) -> dict:
     return summary
 
 
-def versions(cfg: dict) -> dict:
+def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}

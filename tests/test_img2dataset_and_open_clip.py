@@ -10,7 +10,6 @@ import sys
 import threading
 from pathlib import Path
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
