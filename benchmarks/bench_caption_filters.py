@@ -462,7 +462,7 @@ def main(argv=None) -> int:
     ratio = per_core / raw["rate"]
     print("\n[3] summary")
     k = args.actors
-    for label, value in ((f"raw spaCy, 1 process", f"{raw['rate']:,.0f} captions/s"),
+    for label, value in (("raw spaCy, 1 process", f"{raw['rate']:,.0f} captions/s"),
                          (f"raw spaCy, {k} plain processes, each", f"{par['rate'] / k:,.0f} captions/s"
                           f"  (control: {par_eff:.2f}x one process)"),
                          (f"Ray C+A stage, {k} actors", f"{rs['rate']:,.0f} captions/s"),
