@@ -398,8 +398,11 @@ def print_memory(results: dict) -> None:
     print(f"  peak tree RSS grows {grows:.2f}x for 10x the data "
           f"({'bounded' if grows < 2 else 'GROWING with the input'})")
     span = ten["last_commit_s"] - ten["first_commit_s"]
+    first = ten["first_commit_s"] / ten["elapsed_s"]
     print(f"  10x: shards committed over the last {span:.1f}s of a {ten['elapsed_s']:.1f}s job "
-          f"(first commit at {ten['first_commit_s'] / ten['elapsed_s']:.0%} of the run)")
+          f"(first commit at {first:.0%} of the run: "
+          + ("shards are committed as the job goes)" if first < 0.5 else
+             "NOT streaming, no shard is committed until the data is almost all processed)"))
 
 
 def main(argv=None) -> int:
