@@ -1,0 +1,57 @@
+"""Distributed helpers shared by every contrastive loss.
+
+Each rank computes the loss of its *local* rows against the *global* batch (all ranks' columns),
+as open_clip's ``local_loss=True, gather_with_grad=True``. With the usual DDP gradient averaging
+this gives exactly the gradient of the loss of one process over the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) without an initialised process group."""
+    if is_distributed():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0, keeping the autograd graph.
+
+    Every rank must pass a tensor of the same shape. Without a process group it returns ``x``.
+    """
+    if not is_distributed():
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0 without gradient (targets, labels)."""
+    if not is_distributed():
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def local_targets(n_local: int, device=None) -> torch.Tensor:
+    """Indices of this rank's positives among the gathered columns."""
+    rank, _ = world_info()
+    return torch.arange(n_local, device=device) + rank * n_local
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    if not is_distributed():
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / dist.get_world_size()
