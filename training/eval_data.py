@@ -1,0 +1,192 @@
+"""Evaluation datasets: CLIP_benchmark ``wds/`` folders and two built-in offline sets.
+
+Every dataset is an :class:`EvalDataset`: class names and prompt templates (for zero-shot
+classification; ``None`` for a retrieval-only set) and, per split, an iterator of samples
+``{"key", "image" (PIL RGB), "label" (int or None), "captions" (list of str or None)}``.
+
+* ``wds``: the CLIP_benchmark format (``{split}/nshards.txt``, ``{split}/0.tar`` ...,
+  ``classnames.txt``, ``zeroshot_classification_templates.txt``; images with ``.cls`` labels,
+  retrieval sets with multi-line ``.txt`` captions), on local disk or any fsspec URL, read with
+  webdataset's tar iterators. A sample whose image does not decode (or that has neither label
+  nor captions) is skipped and recorded in ``dataset.errors``; it never stops the evaluation.
+* ``digits``: scikit-learn's 1,797 real 8x8 handwritten digits (dark ink on white, upscaled);
+  classes ``"0"`` .. ``"9"``; a fixed 60/40 ``train``/``test`` split (``all`` = every image).
+* ``demo``: the held-out generated demo set (:func:`curation.demo_data.write_eval_dataset`),
+  written once into a cache folder and then read as a ``wds`` dataset.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import fsspec
+from PIL import Image
+
+IMAGE_EXTENSIONS = ("webp", "jpg", "jpeg", "png")
+DIGITS_TEMPLATES = ["a photo of the number {}.", "a handwritten digit {}.", "the digit {}.",
+                    "a black and white photo of the number {}."]
+
+
+class EvalDataError(ValueError):
+    """A dataset that cannot be read at all (missing folder or files, unknown kind)."""
+
+
+@dataclass
+class EvalDataset:
+    name: str
+    classnames: list[str] | None
+    templates: list[str] | None
+    split_reader: Callable[[str], Iterator[dict]]
+    splits: list[str]
+    errors: list[dict] = field(default_factory=list)
+
+    def samples(self, split: str) -> Iterator[dict]:
+        if split not in self.splits:
+            raise EvalDataError(f"dataset {self.name!r} has no split {split!r} (has {self.splits})")
+        return self.split_reader(split)
+
+
+# -- CLIP_benchmark wds ------------------------------------------------------------------------
+
+def _read_text(fs, path: str) -> str | None:
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return f.read().decode("utf-8")
+
+
+def _lines(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def parse_wds_sample(sample: dict) -> dict:
+    """A webdataset sample (``__key__`` + raw bytes per extension) -> an evaluation sample.
+
+    Raises ``ValueError`` with a clear message for an undecodable image or a sample without
+    an image, a label or captions.
+    """
+    key = sample.get("__key__", "?")
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None:
+        raise ValueError(f"sample {key}: no image (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+    try:
+        image = Image.open(io.BytesIO(sample[ext]))
+        image = image.convert("RGB")
+    except Exception as exc:  # PIL raises several types for bad data
+        raise ValueError(f"sample {key}: cannot decode {ext} image: {exc}") from None
+    label = None
+    if "cls" in sample:
+        try:
+            label = int(sample["cls"].decode("utf-8").strip())
+        except (UnicodeDecodeError, ValueError):
+            raise ValueError(f"sample {key}: .cls is not an integer label") from None
+    captions = None
+    if "txt" in sample:
+        captions = _lines(sample["txt"].decode("utf-8", errors="replace")) or None
+    if label is None and captions is None:
+        raise ValueError(f"sample {key}: neither a .cls label nor .txt captions")
+    return {"key": key, "image": image, "label": label, "captions": captions}
+
+
+def wds_dataset(root: str, name: str | None = None) -> EvalDataset:
+    """A CLIP_benchmark ``wds/`` dataset at ``root`` (local path or fsspec URL)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    root = str(root).rstrip("/")
+    fs, base = fsspec.core.url_to_fs(root)
+    if not fs.exists(base):
+        raise EvalDataError(f"wds dataset not found: {root}")
+    splits = sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(base, detail=False)
+                    if fs.exists(f"{p.rstrip('/')}/nshards.txt"))
+    if not splits:
+        raise EvalDataError(f"{root} has no {{split}}/nshards.txt: not a CLIP_benchmark wds dataset")
+    classnames = _lines(_read_text(fs, f"{base}/classnames.txt"))
+    templates = _lines(_read_text(fs, f"{base}/zeroshot_classification_templates.txt"))
+    dataset = EvalDataset(name or os.path.basename(base), classnames, templates, None, splits)
+
+    def read(split: str) -> Iterator[dict]:
+        try:
+            nshards = int(_read_text(fs, f"{base}/{split}/nshards.txt").strip())
+        except ValueError:
+            raise EvalDataError(f"{root}/{split}/nshards.txt does not hold a number") from None
+        for i in range(nshards):
+            path = f"{base}/{split}/{i}.tar"
+            if not fs.exists(path):
+                dataset.errors.append({"key": f"{split}/{i}.tar", "error": "missing shard"})
+                continue
+            with fs.open(path, "rb") as stream:
+                def bad_tar(exc):
+                    dataset.errors.append({"key": f"{split}/{i}.tar", "error": f"bad tar: {exc}"})
+                    return False  # stop reading this shard, keep what was read
+                files = tar_file_expander([{"url": path, "stream": stream}], handler=bad_tar)
+                for raw in group_by_keys(files, handler=bad_tar):
+                    try:
+                        yield parse_wds_sample(raw)
+                    except ValueError as exc:
+                        dataset.errors.append({"key": raw.get("__key__"), "error": str(exc)})
+
+    dataset.split_reader = read
+    return dataset
+
+
+# -- built-in sets -----------------------------------------------------------------------------
+
+def digit_image(pixels, image_size: int) -> Image.Image:
+    """An 8x8 array of ink values 0..16 -> dark ink on white, upscaled to ``image_size``."""
+    import numpy as np
+
+    grey = (255 - np.clip(np.asarray(pixels, dtype=np.float64) * 16, 0, 255)).astype("uint8")
+    return Image.fromarray(grey, mode="L").resize((image_size, image_size), Image.BILINEAR).convert("RGB")
+
+
+def digits_split_indices(split: str, n: int = 1797, seed: int = 0) -> list[int]:
+    """The fixed digits splits: a seeded permutation, first 60% ``train``, rest ``test``."""
+    import numpy as np
+
+    order = np.random.RandomState(seed).permutation(n)
+    cut = int(round(n * 0.6))
+    return {"train": order[:cut], "test": order[cut:], "all": np.arange(n)}[split].tolist()
+
+
+def digits_dataset(image_size: int = 224) -> EvalDataset:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+
+    def read(split: str) -> Iterator[dict]:
+        for i in digits_split_indices(split, len(digits.target)):
+            yield {"key": f"digit{i:04d}", "image": digit_image(digits.images[i], image_size),
+                   "label": int(digits.target[i]), "captions": None}
+
+    return EvalDataset("digits", [str(d) for d in range(10)], list(DIGITS_TEMPLATES), read,
+                       ["train", "test", "all"])
+
+
+def demo_dataset(cache_dir: str, num_train: int = 500, num_test: int = 500, seed: int = 1000) -> EvalDataset:
+    """The held-out generated demo set (written into ``cache_dir`` once, then read as wds)."""
+    from curation.demo_data import write_eval_dataset
+
+    root = os.path.join(cache_dir, f"demo_eval_s{seed}_{num_train}_{num_test}")
+    write_eval_dataset(root, {"train": num_train, "test": num_test}, seed=seed)
+    return wds_dataset(root, name="demo")
+
+
+def load_eval_dataset(name: str, cfg: dict, image_size: int = 224) -> EvalDataset:
+    """Dataset ``name`` from the ``eval`` config section: ``digits``, ``demo``, or a key of
+    ``eval.wds`` (name -> CLIP_benchmark folder or URL)."""
+    wds_roots = cfg.get("wds") or {}
+    if name in wds_roots:
+        return wds_dataset(wds_roots[name], name=name)
+    if name == "digits":
+        return digits_dataset(image_size)
+    if name == "demo":
+        demo = cfg.get("demo") or {}
+        return demo_dataset(cfg.get("cache_dir", "outputs/eval_cache"), demo.get("num_train", 500),
+                            demo.get("num_test", 500), demo.get("seed", 1000))
+    raise EvalDataError(f"unknown eval dataset {name!r}: use digits, demo or a name under eval.wds "
+                        f"(known: {sorted(wds_roots)})")

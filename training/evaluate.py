@@ -1,0 +1,325 @@
+"""The evaluation suite: zero-shot classification, image-text retrieval, linear and few-shot probes.
+
+Works on any *embedder* (the contract in the training package): ``encode_image(images)`` and
+``encode_text(tokens)`` return ``{name: normalised features}``, plus ``preprocess`` (open_clip's
+val transform) and ``tokenizer``. Every metric is computed per embedding name; when an embedder
+returns two names (a, b) in that order (e.g. improved CLIP's "weak", "strong"), zero-shot and
+retrieval are also computed for the similarity ensemble ``w * sim_a + (1 - w) * sim_b`` for every
+w in ``eval.ensemble_weights``, reported as ``"ensemble_w0.3"`` etc.
+
+* Zero-shot: the classifier is the per-class mean of the normalised prompt-template embeddings,
+  renormalised; metrics ``acc1``, ``acc5`` (top-min(5, C)) and ``mean_per_class_recall``.
+* Retrieval: every image with all its captions; ``image_retrieval_recall@k`` (text -> image:
+  the caption's image is in the top k) and ``text_retrieval_recall@k`` (image -> text: at least
+  one of its captions is in the top k), as CLIP_benchmark.
+* Linear probe baseline: a from-scratch logistic-regression probe on the train split's frozen
+  features, weight decay chosen on a held-out part of it (:mod:`training.fewshot`).
+* Few-shot: the k-shot sweep of :func:`training.fewshot.fewshot_sweep` (zero-shot-initialised
+  projected probe vs from-scratch probe).
+
+Pure metric functions (:func:`classification_metrics`, :func:`retrieval_metrics`,
+:func:`with_ensembles`) take tensors; :func:`run_evaluation` wires datasets, embedder and
+metrics together; it needs no Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from training import fewshot
+from training.eval_data import EvalDataset, load_eval_dataset
+
+
+class OpenClipEmbedder:
+    """The embedder interface around a plain open_clip model: one embedding named ``name``."""
+
+    def __init__(self, model, preprocess, tokenizer, name: str = "clip", device=None):
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = torch.device(device) if device else next(model.parameters()).device
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.model.encode_image(images.to(self.device))
+        return {self.name: F.normalize(feats.float(), dim=-1).cpu()}
+
+    @torch.no_grad()
+    def encode_text(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.model.encode_text(tokens.to(self.device))
+        return {self.name: F.normalize(feats.float(), dim=-1).cpu()}
+
+
+# -- metrics (pure) ----------------------------------------------------------------------------
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """acc1, acc5 (top-min(5, C)) and mean per-class recall of [N, C] scores."""
+    labels = labels.long()
+    k = min(5, logits.shape[1])
+    topk = logits.topk(k, dim=1).indices
+    acc1 = (topk[:, 0] == labels).float().mean().item()
+    acc5 = (topk == labels[:, None]).any(dim=1).float().mean().item()
+    pred = topk[:, 0]
+    recalls = [(pred[labels == c] == c).float().mean().item() for c in torch.unique(labels).tolist()]
+    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": sum(recalls) / len(recalls)}
+
+
+def retrieval_metrics(sim: torch.Tensor, text_to_image: torch.Tensor,
+                      ks: Iterable[int] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@k both ways from an [N_images, N_texts] similarity matrix; ``text_to_image[j]`` is
+    the index of caption j's image (an image may have several captions)."""
+    text_to_image = text_to_image.long()
+    n_img, n_txt = sim.shape
+    positive = torch.zeros(n_img, n_txt, dtype=torch.bool)
+    positive[text_to_image, torch.arange(n_txt)] = True
+    out = {}
+    for k in ks:
+        # text -> image: the caption's image among the k best images for that caption
+        top_img = sim.topk(min(k, n_img), dim=0).indices  # [k, N_texts]
+        t2i = (top_img == text_to_image[None, :]).any(dim=0).float().mean().item()
+        # image -> text: at least one of the image's captions among its k best captions
+        top_txt = sim.topk(min(k, n_txt), dim=1).indices  # [N_images, k]
+        i2t = positive.gather(1, top_txt).any(dim=1).float().mean().item()
+        out[f"image_retrieval_recall@{k}"] = t2i
+        out[f"text_retrieval_recall@{k}"] = i2t
+    return out
+
+
+def with_ensembles(sims: dict[str, torch.Tensor], weights: Iterable[float]) -> dict[str, torch.Tensor]:
+    """``sims`` plus ``ensemble_w{w}`` = w * sim_a + (1 - w) * sim_b when there are exactly two
+    names (a, b in insertion order); unchanged otherwise."""
+    out = dict(sims)
+    if len(sims) == 2:
+        (_, a), (_, b) = sims.items()
+        for w in weights:
+            out[f"ensemble_w{w:g}"] = w * a + (1 - w) * b
+    return out
+
+
+# -- features ----------------------------------------------------------------------------------
+
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
+
+def image_features(embedder, samples: Iterable[dict], batch_size: int = 64,
+                   max_samples: int | None = None) -> dict:
+    """Encode every sample's image: ``{"features": {name: [N, D]}, "labels": [N] or None,
+    "captions": list (per image) or None, "keys": [...]}``."""
+    feats, labels, captions, keys = [], [], [], []
+    samples = iter(samples)
+    if max_samples:
+        samples = (s for _, s in zip(range(max_samples), samples))
+    for batch in _batches(samples, batch_size):
+        images = torch.stack([embedder.preprocess(s["image"]) for s in batch])
+        feats.append(embedder.encode_image(images))
+        for s in batch:
+            labels.append(s["label"])
+            captions.append(s["captions"])
+            keys.append(s["key"])
+    if not feats:
+        raise ValueError("no samples to evaluate")
+    return {"features": _cat(feats),
+            "labels": None if any(v is None for v in labels) else torch.tensor(labels),
+            "captions": None if any(c is None for c in captions) else captions, "keys": keys}
+
+
+def text_features(embedder, texts: list[str], batch_size: int = 256) -> dict[str, torch.Tensor]:
+    return _cat([embedder.encode_text(embedder.tokenizer(chunk)) for chunk in _batches(iter(texts), batch_size)])
+
+
+def zeroshot_classifier(embedder, classnames: list[str], templates: list[str],
+                        batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """[C, D] per name: mean of the normalised template embeddings per class, renormalised."""
+    texts = [t.replace("{c}", c).replace("{}", c) for c in classnames for t in templates]
+    feats = text_features(embedder, texts, batch_size)
+    return {name: F.normalize(F.normalize(f, dim=-1).view(len(classnames), len(templates), -1).mean(1), dim=-1)
+            for name, f in feats.items()}
+
+
+# -- evaluations -------------------------------------------------------------------------------
+
+def zeroshot_eval(test: dict, classifier: dict[str, torch.Tensor], ensemble_weights) -> dict:
+    sims = {name: test["features"][name] @ w.T for name, w in classifier.items()}
+    return {name: classification_metrics(s, test["labels"])
+            for name, s in with_ensembles(sims, ensemble_weights).items()}
+
+
+def retrieval_eval(embedder, test: dict, ensemble_weights, ks=(1, 5, 10), batch_size: int = 256) -> dict:
+    texts, owner = [], []
+    for i, caps in enumerate(test["captions"]):
+        texts.extend(caps)
+        owner.extend([i] * len(caps))
+    tfeats = text_features(embedder, texts, batch_size)
+    sims = {name: test["features"][name] @ tfeats[name].T for name in tfeats}
+    owner = torch.tensor(owner)
+    return {name: retrieval_metrics(s, owner, ks) for name, s in with_ensembles(sims, ensemble_weights).items()}
+
+
+def linear_probe_eval(train: dict, test: dict, cfg: dict) -> dict:
+    """From-scratch probe per name; weight decay chosen on ``val_fraction`` of the train split."""
+    gen = torch.Generator().manual_seed(cfg.get("seed", 0))
+    n = len(train["labels"])
+    perm = torch.randperm(n, generator=gen)
+    nval = max(1, int(n * cfg.get("val_fraction", 0.2)))
+    va, tr = perm[:nval], perm[nval:]
+    num_classes = int(max(train["labels"].max(), test["labels"].max())) + 1
+    probe_cfg = {"weight_decay": cfg["weight_decay"], "steps": cfg["steps"], "lr_scratch": cfg["lr"]}
+    out = {}
+    with fewshot._threads(cfg.get("num_threads", 1)):
+        for name, x in train["features"].items():
+            p = fewshot.scratch_probe(x[tr], train["labels"][tr], x[va], train["labels"][va],
+                                      num_classes, probe_cfg)
+            metrics = classification_metrics(p["predict"](test["features"][name]), test["labels"])
+            out[name] = {**metrics, "weight_decay": p["weight_decay"], "val_acc": p["val_acc"]}
+    return out
+
+
+def evaluate_dataset(embedder, dataset: EvalDataset, cfg: dict, log: Callable = print) -> dict:
+    """All enabled evaluations of one dataset; see ``configs/eval/default.yaml`` for ``cfg``."""
+    t0 = time.time()
+    bs, cap = cfg.get("batch_size", 64), cfg.get("max_samples")
+    weights = cfg.get("ensemble_weights", [])
+    result: dict = {}
+    test = image_features(embedder, dataset.samples(cfg.get("split", "test")), bs, cap)
+    result["num_test"] = len(test["keys"])
+    classify = dataset.classnames is not None and test["labels"] is not None
+    templates = dataset.templates or cfg.get("templates")
+    classifier = None
+    if classify and cfg.get("zeroshot", True):
+        if not templates:
+            raise ValueError(f"dataset {dataset.name!r} has no templates; set eval.templates")
+        classifier = zeroshot_classifier(embedder, dataset.classnames, templates, bs)
+        result["zeroshot"] = zeroshot_eval(test, classifier, weights)
+    if test["captions"] is not None and cfg.get("retrieval", True):
+        result["retrieval"] = retrieval_eval(embedder, test, weights, cfg.get("recall_at", [1, 5, 10]), bs)
+    lp, fs = cfg.get("linear_probe", {}), cfg.get("fewshot", {})
+    train_split = cfg.get("train_split", "train")
+    want_train = classify and (lp.get("enabled") or fs.get("enabled"))
+    if want_train and train_split not in dataset.splits:
+        log(f"  {dataset.name}: no {train_split!r} split, skipping the linear and few-shot probes")
+    elif want_train:
+        train = image_features(embedder, dataset.samples(train_split), bs, cfg.get("max_train_samples"))
+        result["num_train"] = len(train["keys"])
+        if lp.get("enabled"):
+            result["linear_probe"] = linear_probe_eval(train, test, lp)
+        if fs.get("enabled") and classifier is not None:
+            fs_cfg = {k: v for k, v in fs.items() if k != "enabled"}
+            try:
+                result["fewshot"] = {name: fewshot.fewshot_sweep(train["features"][name], train["labels"],
+                                                                test["features"][name], test["labels"],
+                                                                classifier[name], fs_cfg)
+                                     for name in classifier}
+            except ValueError as exc:  # e.g. a class with fewer than k + 1 training samples
+                log(f"  {dataset.name}: few-shot skipped: {exc}")
+                result["fewshot_error"] = str(exc)
+    if dataset.errors:
+        result["errors"] = dataset.errors[:100]
+        result["num_errors"] = len(dataset.errors)
+        log(f"  {dataset.name}: {len(dataset.errors)} unreadable samples skipped "
+            f"(first: {dataset.errors[0]['error']})")
+    result["elapsed_s"] = round(time.time() - t0, 2)
+    return result
+
+
+def preprocess_size(preprocess, default: int = 224) -> int:
+    """The image size an open_clip val transform produces (its CenterCrop / Resize size)."""
+    for t in reversed(getattr(preprocess, "transforms", [])):
+        size = getattr(t, "size", None)
+        if isinstance(size, int):
+            return size
+        if isinstance(size, (tuple, list)) and size:
+            return int(size[0])
+    return default
+
+
+def run_evaluation(embedder, cfg: dict, image_size: int | None = None, log: Callable = print) -> dict:
+    """Evaluate ``embedder`` on every dataset in ``cfg["datasets"]`` (the ``eval`` section).
+
+    ``image_size`` (for the built-in digits) defaults to the size ``embedder.preprocess`` makes.
+    A dataset that cannot be read is reported under ``{"error": ...}``; the others still run.
+    """
+    image_size = image_size or preprocess_size(embedder.preprocess)
+    results = {}
+    for name in cfg.get("datasets", []):
+        log(f"evaluating on {name} ...")
+        try:
+            dataset = load_eval_dataset(name, cfg, image_size)
+            results[name] = evaluate_dataset(embedder, dataset, cfg, log)
+        except (ValueError, OSError) as exc:
+            log(f"  {name}: {exc}")
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    return results
+
+
+def summary_metrics(results: dict) -> dict[str, float]:
+    """Flat ``dataset/eval/name/metric`` -> value of the headline metrics (for trainer logs)."""
+    flat = {}
+    for ds, res in results.items():
+        for name, m in res.get("zeroshot", {}).items():
+            flat[f"{ds}/zeroshot/{name}/acc1"] = m["acc1"]
+        for name, m in res.get("retrieval", {}).items():
+            for key in ("image_retrieval_recall@1", "text_retrieval_recall@1"):
+                if key in m:
+                    flat[f"{ds}/retrieval/{name}/{key}"] = m[key]
+        for name, m in res.get("linear_probe", {}).items():
+            flat[f"{ds}/linear_probe/{name}/acc1"] = m["acc1"]
+    return flat
+
+
+def _pct(v) -> str:
+    return "   -" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:5.1f}"
+
+
+def format_results(results: dict) -> str:
+    """Human-readable tables of :func:`run_evaluation`'s results."""
+    lines = []
+    for ds, res in results.items():
+        lines.append(f"== {ds} ==")
+        if "error" in res:
+            lines.append(f"  error: {res['error']}")
+            continue
+        n = f"{res['num_test']} test images" + (f", {res['num_train']} train" if "num_train" in res else "")
+        lines.append(f"  {n}, {res['elapsed_s']}s")
+        if "zeroshot" in res:
+            lines.append(f"  zero-shot           {'acc1':>6} {'acc5':>6} {'mpcr':>6}")
+            for name, m in res["zeroshot"].items():
+                lines.append(f"    {name:<17} {_pct(m['acc1']):>6} {_pct(m['acc5']):>6} "
+                             f"{_pct(m['mean_per_class_recall']):>6}")
+        if "retrieval" in res:
+            ks = sorted(int(k.split("@")[1]) for k in next(iter(res["retrieval"].values()))
+                        if k.startswith("image_retrieval"))
+            head = " ".join(f"{'t2i@' + str(k):>6}" for k in ks) + " " + " ".join(f"{'i2t@' + str(k):>6}" for k in ks)
+            lines.append(f"  retrieval           {head}")
+            for name, m in res["retrieval"].items():
+                vals = [m[f"image_retrieval_recall@{k}"] for k in ks] + [m[f"text_retrieval_recall@{k}"] for k in ks]
+                lines.append(f"    {name:<17} " + " ".join(f"{_pct(v):>6}" for v in vals))
+        if "linear_probe" in res:
+            lines.append("  linear probe        acc1   (weight decay)")
+            for name, m in res["linear_probe"].items():
+                lines.append(f"    {name:<17} {_pct(m['acc1']):>6}   ({m['weight_decay']:g})")
+        for name, sweep in res.get("fewshot", {}).items():
+            table = fewshot.format_fewshot_table(sweep, title=f"  few-shot ({name})")
+            lines.extend("  " + line if i else line for i, line in enumerate(table.splitlines()))
+        if res.get("fewshot_error"):
+            lines.append(f"  few-shot skipped: {res['fewshot_error']}")
+        if res.get("num_errors"):
+            lines.append(f"  {res['num_errors']} unreadable samples skipped")
+    return "\n".join(lines)

@@ -1,0 +1,226 @@
+"""Few-shot linear probes on frozen features (SPEC section 4, DiHT section 4).
+
+* **Zero-shot-initialised projected probe**: logits = s * x^T (W0 + W) + b, with W0 the
+  zero-shot classifier (rows: prompt-averaged, normalised class text embeddings), s the fixed
+  logit scale (100 as in CLIP; a re-parametrisation of the SPEC's x^T (W0 + W) + b) and the
+  learned deviation W and bias b kept in Frobenius balls ||W|| <= delta, ||b|| <= delta_b by
+  projected gradient descent (after every optimiser step W and b are rescaled back into their
+  balls). delta = 0, delta_b = 0 is exactly zero-shot. The radii are chosen on a validation
+  split (ties go to the smaller radii, i.e. closer to zero-shot).
+* **From-scratch baseline**: logits = x^T W + b, W from zero, CE + weight_decay * ||W||^2,
+  the weight decay chosen on the same validation split.
+
+All probes of one grid (radii pairs, or weight decays) train at once as a batch of independent
+probes (Adam is per-coordinate, so summing their losses gives each probe its own update).
+:func:`fewshot_sweep` runs the k-shot sweep (k-shot training set and a validation set drawn per
+seed from the training pool, accuracy on the test split) and :func:`format_fewshot_table`
+prints it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+
+DEFAULTS = {
+    "shots": [1, 2, 4, 8, 16],
+    "seeds": [0, 1, 2],
+    "val_per_class": 10,        # validation samples per class (disjoint from the shots)
+    "logit_scale": 100.0,       # s in s * x^T (W0 + W) + b
+    "delta_rel": [0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0],  # ||W|| radii as fractions of ||W0||
+    "delta_b": [0.0, 1.0, 5.0],  # ||b|| radii (logit units)
+    "weight_decay": [0.0, 1e-4, 1e-3, 1e-2, 1e-1],  # from-scratch baseline grid
+    "steps": 200,
+    "lr_projected": 1e-2,
+    "lr_scratch": 1e-2,
+    "num_threads": 1,           # torch threads for these tiny problems (null: leave as is)
+}
+
+
+def project_to_ball_(t: torch.Tensor, radius: torch.Tensor) -> None:
+    """In place: rescale each ``t[g]`` to Frobenius norm <= ``radius[g]`` (leading dim = probe)."""
+    norms = t.flatten(1).norm(dim=1)
+    factor = torch.where(norms > radius, radius / norms.clamp_min(1e-12), torch.ones_like(norms))
+    t.mul_(factor.view(-1, *([1] * (t.dim() - 1))))
+
+
+def projected_logits(x, w0, W, b, logit_scale: float) -> torch.Tensor:
+    """[G, N, C] logits of G probes: s * x (W0 + W_g)^T + b_g."""
+    return logit_scale * torch.einsum("nd,gcd->gnc", x, w0.unsqueeze(0) + W) + b.unsqueeze(1)
+
+
+def train_projected_probes(x, y, w0, deltas, delta_bs, logit_scale=100.0, steps=200, lr=1e-2,
+                           num_threads=1):
+    """Train one projected probe per (deltas[g], delta_bs[g]); returns W [G, C, D], b [G, C]."""
+    with _threads(num_threads):
+        return _train_projected(x, y, w0, deltas, delta_bs, logit_scale, steps, lr)
+
+
+def _train_projected(x, y, w0, deltas, delta_bs, logit_scale, steps, lr):
+    x, w0 = x.float(), w0.float()
+    deltas = torch.as_tensor(deltas, dtype=torch.float32)
+    delta_bs = torch.as_tensor(delta_bs, dtype=torch.float32)
+    G, (C, D) = len(deltas), w0.shape
+    W = torch.zeros(G, C, D, requires_grad=True)
+    b = torch.zeros(G, C, requires_grad=True)
+    opt = torch.optim.Adam([W, b], lr=lr)
+    for _ in range(steps):
+        logits = projected_logits(x, w0, W, b, logit_scale)
+        loss = F.cross_entropy(logits.reshape(-1, C), y.repeat(G), reduction="sum") / len(y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            project_to_ball_(W, deltas)
+            project_to_ball_(b, delta_bs)
+    return W.detach(), b.detach()
+
+
+def scratch_logits(x, W, b) -> torch.Tensor:
+    return torch.einsum("nd,gcd->gnc", x, W) + b.unsqueeze(1)
+
+
+def train_scratch_probes(x, y, num_classes, weight_decays, steps=200, lr=1e-2, num_threads=1):
+    """Train one from-scratch probe per weight decay; returns W [G, C, D], b [G, C]."""
+    with _threads(num_threads):
+        return _train_scratch(x, y, num_classes, weight_decays, steps, lr)
+
+
+def _train_scratch(x, y, num_classes, weight_decays, steps, lr):
+    x = x.float()
+    wd = torch.as_tensor(weight_decays, dtype=torch.float32)
+    G, D = len(wd), x.shape[1]
+    W = torch.zeros(G, num_classes, D, requires_grad=True)
+    b = torch.zeros(G, num_classes, requires_grad=True)
+    opt = torch.optim.Adam([W, b], lr=lr)
+    for _ in range(steps):
+        logits = scratch_logits(x, W, b)
+        ce = F.cross_entropy(logits.reshape(-1, num_classes), y.repeat(G), reduction="none")
+        loss = ce.view(G, -1).mean(1) + wd * W.pow(2).flatten(1).sum(1)
+        opt.zero_grad()
+        loss.sum().backward()
+        opt.step()
+    return W.detach(), b.detach()
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy per probe of [G, N, C] logits (or [N, C] -> scalar)."""
+    return (logits.argmax(-1) == y).float().mean(-1)
+
+
+def _pick(val_acc: torch.Tensor, order: list[int]) -> int:
+    """Index of the best validation accuracy; ties go to the earliest in ``order``."""
+    best = val_acc.max()
+    return next(i for i in order if val_acc[i] >= best - 1e-9)
+
+
+def projected_probe(train_x, train_y, val_x, val_y, w0, cfg: dict | None = None) -> dict:
+    """Fit the projected-probe grid, choose the radii on validation; returns a dict with the
+    chosen ``delta``, ``delta_b``, ``val_acc`` and a ``predict(x) -> logits`` callable."""
+    cfg = {**DEFAULTS, **(cfg or {})}
+    w0 = F.normalize(w0.float(), dim=-1)
+    w0_norm = w0.norm().item()
+    grid = list(itertools.product(cfg["delta_rel"], cfg["delta_b"]))
+    deltas = [r * w0_norm for r, _ in grid]
+    W, b = train_projected_probes(train_x, train_y, w0, deltas, [db for _, db in grid],
+                                  cfg["logit_scale"], cfg["steps"], cfg["lr_projected"], cfg["num_threads"])
+    val_acc = accuracy(projected_logits(val_x.float(), w0, W, b, cfg["logit_scale"]), val_y)
+    order = sorted(range(len(grid)), key=lambda g: (grid[g][0] + grid[g][1], grid[g]))
+    g = _pick(val_acc, order)
+    Wg, bg = W[g:g + 1], b[g:g + 1]
+    return {"delta": deltas[g], "delta_rel": grid[g][0], "delta_b": grid[g][1],
+            "val_acc": val_acc[g].item(),
+            "predict": lambda x: projected_logits(x.float(), w0, Wg, bg, cfg["logit_scale"])[0]}
+
+
+def scratch_probe(train_x, train_y, val_x, val_y, num_classes, cfg: dict | None = None) -> dict:
+    """Fit the from-scratch grid, choose the weight decay on validation (ties: larger decay)."""
+    cfg = {**DEFAULTS, **(cfg or {})}
+    wds = list(cfg["weight_decay"])
+    W, b = train_scratch_probes(train_x, train_y, num_classes, wds, cfg["steps"], cfg["lr_scratch"],
+                                cfg["num_threads"])
+    val_acc = accuracy(scratch_logits(val_x.float(), W, b), val_y)
+    g = _pick(val_acc, sorted(range(len(wds)), key=lambda i: -wds[i]))
+    Wg, bg = W[g:g + 1], b[g:g + 1]
+    return {"weight_decay": wds[g], "val_acc": val_acc[g].item(),
+            "predict": lambda x: scratch_logits(x.float(), Wg, bg)[0]}
+
+
+def sample_shots(labels: torch.Tensor, k: int, val_per_class: int, seed: int):
+    """Per class: k training indices and ``val_per_class`` validation indices (disjoint)."""
+    gen = torch.Generator().manual_seed(seed)
+    train_idx, val_idx = [], []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        if len(idx) < k + 1:
+            raise ValueError(f"class {c} has {len(idx)} training samples; {k}-shot needs at least {k + 1}")
+        nval = min(val_per_class, len(idx) - k)
+        train_idx.append(idx[:k])
+        val_idx.append(idx[k:k + nval])
+    return torch.cat(train_idx), torch.cat(val_idx)
+
+
+def fewshot_sweep(train_x, train_y, test_x, test_y, w0, cfg: dict | None = None) -> dict:
+    """The k-shot sweep: zero-shot, projected probe and from-scratch probe test accuracy (mean
+    and std over seeds) for every k in ``cfg["shots"]``."""
+    cfg = {**DEFAULTS, **(cfg or {})}
+    with _threads(cfg.get("num_threads", 1)):
+        return _sweep(train_x, train_y.long(), test_x, test_y.long(), w0, cfg)
+
+
+@contextlib.contextmanager
+def _threads(n):
+    """Tiny full-batch problems: one thread is fastest (and kind to a shared machine)."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _sweep(train_x, train_y, test_x, test_y, w0, cfg):
+    num_classes = w0.shape[0]
+    zs = accuracy(F.normalize(test_x.float(), dim=-1) @ F.normalize(w0.float(), dim=-1).T, test_y).item()
+    rows = []
+    for k in cfg["shots"]:
+        proj, scratch, radii, decays = [], [], [], []
+        for seed in cfg["seeds"]:
+            tr, va = sample_shots(train_y, k, cfg["val_per_class"], seed)
+            p = projected_probe(train_x[tr], train_y[tr], train_x[va], train_y[va], w0, cfg)
+            s = scratch_probe(train_x[tr], train_y[tr], train_x[va], train_y[va], num_classes, cfg)
+            proj.append(accuracy(p["predict"](test_x), test_y).item())
+            scratch.append(accuracy(s["predict"](test_x), test_y).item())
+            radii.append((p["delta_rel"], p["delta_b"]))
+            decays.append(s["weight_decay"])
+        rows.append({"k": k, "zeroshot": zs, "projected": _mean(proj), "projected_std": _std(proj),
+                     "scratch": _mean(scratch), "scratch_std": _std(scratch),
+                     "projected_per_seed": proj, "scratch_per_seed": scratch,
+                     "chosen_radii": radii, "chosen_weight_decay": decays})
+    return {"zeroshot": zs, "rows": rows, "seeds": list(cfg["seeds"])}
+
+
+def _mean(v):
+    return sum(v) / len(v)
+
+
+def _std(v):
+    m = _mean(v)
+    return math.sqrt(sum((a - m) ** 2 for a in v) / len(v))
+
+
+def format_fewshot_table(result: dict, title: str = "") -> str:
+    lines = [title] if title else []
+    lines.append(f"{'k':>3}  {'zero-shot':>9}  {'projected':>15}  {'scratch':>15}   (top-1 %, "
+                 f"mean +- std over {len(result['seeds'])} seeds)")
+    for r in result["rows"]:
+        lines.append(f"{r['k']:>3}  {100 * r['zeroshot']:>9.1f}  "
+                     f"{100 * r['projected']:>8.1f} +- {100 * r['projected_std']:<4.1f}  "
+                     f"{100 * r['scratch']:>8.1f} +- {100 * r['scratch_std']:<4.1f}")
+    return "\n".join(lines)
