@@ -1,0 +1,294 @@
+"""``train_loop_per_worker``: what every Ray Train worker runs.
+
+The loop knows nothing about recipes beyond :mod:`training.recipes`' three seams: it builds the
+recipe's model and loss, streams its dataset shard, steps AdamW + cosine schedule, logs, reports
+checkpoints through ``ray.train.report`` and resumes from ``ray.train.get_checkpoint()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from training.checkpoint import load_train_state, save_checkpoint, unwrap
+
+
+class TrainModule(nn.Module):
+    """Model wrapper + loss in one module: DDP, the optimizer and checkpoints see both."""
+
+    def __init__(self, model: nn.Module, loss):
+        super().__init__()
+        self.model = model
+        if isinstance(loss, nn.Module):
+            self.loss = loss
+        else:
+            self._loss_fn = loss
+
+    def compute_loss(self, out: dict, batch: dict) -> dict:
+        fn = self.loss if "loss" in self._modules else self._loss_fn
+        return fn(out, batch)
+
+    def forward(self, batch: dict) -> dict:
+        return self.compute_loss(self.model(batch), batch)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: ``auto`` is bf16 on GPU and full fp32 on CPU."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+class MetricsLogger:
+    """JSON lines + TensorBoard (tensorboardX) + a progress line; rank 0 only."""
+
+    def __init__(self, log_dir: str | None, enabled: bool, print_fn=print):
+        self.enabled = enabled and log_dir is not None
+        self.print = print_fn
+        self.jsonl = self.tb = None
+        if self.enabled:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(Path(log_dir) / "metrics.jsonl", "a", encoding="utf-8")
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(log_dir) / "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def log(self, step: int, metrics: dict, progress: bool = True) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if progress and "train/loss" in metrics:
+            self.print(f"step {step}/{metrics.get('total_steps', '?')} epoch {metrics.get('epoch', 0)} "
+                       f"loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.3g} "
+                       f"samples/s {metrics['train/samples_per_s']:.1f} "
+                       f"(data wait {100 * metrics.get('train/data_wait_frac', 0):.0f}%)", flush=True)
+
+    def close(self):
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def run_eval(recipe, module: nn.Module, eval_cfg: dict, device, log=print) -> dict | None:
+    """``training.evaluate.run_evaluation`` on the recipe's embedder; None when unavailable."""
+    try:
+        from training.evaluate import run_evaluation
+    except ImportError as exc:
+        log(f"evaluation skipped: training.evaluate is not available ({exc})")
+        return None
+    cfg = {k: v for k, v in eval_cfg.items() if k not in ("enabled", "every_n_epochs")}
+    model = unwrap(module).model
+    return run_evaluation(recipe.embedder(model, device=device), cfg, log=log)
+
+
+def headline(results: dict) -> dict:
+    """Flat headline metrics of an evaluation (zero-shot acc1, R@1, linear probe)."""
+    from training.evaluate import summary_metrics
+
+    return {k: float(v) for k, v in summary_metrics(results).items() if isinstance(v, (int, float))}
+
+
+def logit_scale_metric(model: nn.Module) -> dict:
+    scale = getattr(getattr(model, "clip", model), "logit_scale", None)
+    if isinstance(scale, torch.Tensor):
+        return {"train/logit_scale": float(scale.detach().float().exp())}
+    return {}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from training.data import iter_batches
+    from training.optim import build_optimizer, build_scheduler
+    from training.recipes import get_recipe
+
+    cfg = config["cfg"]
+    tcfg, mcfg = cfg["train"], cfg["model"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    steps_per_epoch, total_steps = int(config["steps_per_epoch"]), int(config["total_steps"])
+    local_bs, accum = int(config["local_batch_size"]), int(tcfg["accum_steps"])
+    global_bs = local_bs * accum * world
+    log_dir = config.get("log_dir")
+    is_main = rank == 0
+
+    if tcfg.get("torch_threads"):
+        torch.set_num_threads(int(tcfg["torch_threads"]))  # Ray sets OMP threads = worker CPUs
+    torch.manual_seed(int(tcfg["seed"]))
+    recipe = get_recipe(cfg)
+    model = recipe.build_model()
+    if mcfg.get("grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    module = TrainModule(model, recipe.build_loss(model)).to(device)
+    optimizer = build_optimizer(module, tcfg)
+    warmup = int(tcfg["warmup_steps"]) if tcfg.get("warmup_steps") is not None else max(1, total_steps // 20)
+    scheduler = build_scheduler(optimizer, min(warmup, total_steps), total_steps,
+                                float(tcfg.get("min_lr_ratio", 0.0)))
+    amp_dtype = resolve_precision(tcfg["precision"], device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    step, epoch, epoch_step = 0, 0, 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_train_state(d, module=module, optimizer=optimizer, scheduler=scheduler,
+                                     scaler=scaler, map_location=device)
+            meta = json.loads((Path(d) / "meta.json").read_text())
+        step, epoch, epoch_step = state["step"], state["epoch"], int(meta.get("epoch_step", 0))
+        if is_main:
+            print(f"resumed from checkpoint at step {step} (epoch {epoch})", flush=True)
+
+    net: nn.Module = module
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(tcfg.get("find_unused_parameters", False)))
+    if mcfg.get("compile"):
+        net = torch.compile(net)
+
+    logger = MetricsLogger(log_dir, is_main)
+    shard = ray.train.get_dataset_shard("train")
+    dcfg = cfg["data"]
+    fail_at = (cfg.get("debug") or {}).get("fail_at_step")
+    ckpt_every = int(tcfg.get("checkpoint_every_steps") or 0)
+    log_every = max(1, int(tcfg.get("log_every_steps") or 1))
+    eval_cfg = cfg.get("eval") or {}
+    eval_every = int(eval_cfg.get("every_n_epochs") or 0)
+    last_saved = step if ckpt is not None else -1
+
+    def report(metrics: dict, with_checkpoint: bool):
+        nonlocal last_saved
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            if is_main:
+                save_checkpoint(tmp, module=module, clip=getattr(module.model, "clip", None), arch=mcfg["arch"],
+                                recipe=cfg.get("recipe", "clip"), step=step, epoch=epoch,
+                                optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                extra={"epoch_step": epoch_step, "total_steps": total_steps})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if is_main else None)
+        last_saved = step
+
+    def autocast():
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+    net.train()
+    window_t, window_n, window_wait, window_loss = time.perf_counter(), 0, 0.0, []
+    last: dict = {}
+    while step < total_steps:
+        budget = min(steps_per_epoch - epoch_step, total_steps - step)
+        done_this_epoch = 0
+        it = iter(iter_batches(shard, local_bs, collate_fn=recipe.collate,
+                               shuffle_buffer=dcfg.get("shuffle_buffer"),
+                               prefetch_batches=int(dcfg.get("prefetch_batches", 2)),
+                               seed=int(tcfg["seed"]) + epoch))
+        while done_this_epoch < budget:
+            t0 = time.perf_counter()
+            micro = []
+            for _ in range(accum):
+                b = next(it, None)
+                if b is None:
+                    break
+                micro.append(b)
+            window_wait += time.perf_counter() - t0
+            if len(micro) < accum:
+                break  # the shard ran out (bad samples were skipped): next epoch
+            optimizer.zero_grad(set_to_none=True)
+            terms_sum: dict = {}
+            for i, b in enumerate(micro):
+                b = to_device(b, device)
+                sync = i == accum - 1 or world == 1
+                no_sync = net.no_sync if (not sync and hasattr(net, "no_sync")) else contextlib.nullcontext
+                with no_sync():
+                    with autocast():
+                        terms = net(b)
+                    scaler.scale(terms["loss"] / accum).backward()
+                for k, v in terms.items():
+                    terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / accum
+            if tcfg.get("grad_clip_norm"):
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(module.parameters(), float(tcfg["grad_clip_norm"]))
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if hasattr(module.model, "clamp_logit_scale"):
+                module.model.clamp_logit_scale()
+            step += 1
+            epoch_step += 1
+            done_this_epoch += 1
+            window_n += global_bs
+            window_loss.append(terms_sum["loss"])
+
+            if fail_at is not None and step == int(fail_at) and is_main and log_dir:
+                marker = Path(log_dir) / f".injected_failure_at_{step}"
+                if not marker.exists():
+                    marker.parent.mkdir(parents=True, exist_ok=True)
+                    marker.write_text("1")
+                    raise RuntimeError(f"injected failure at step {step} (debug.fail_at_step)")
+
+            if step % log_every == 0 or step == total_steps:
+                dt = time.perf_counter() - window_t
+                last = {"train/loss": sum(window_loss) / len(window_loss),
+                        "train/lr": optimizer.param_groups[0]["lr"],
+                        "train/samples_per_s": window_n / max(dt, 1e-9),
+                        "train/data_wait_frac": window_wait / max(dt, 1e-9),
+                        **logit_scale_metric(module.model),
+                        **{f"train/{k}": v for k, v in terms_sum.items() if k != "loss"},
+                        "epoch": epoch, "total_steps": total_steps}
+                logger.log(step, last)
+                window_t, window_n, window_wait, window_loss = time.perf_counter(), 0, 0.0, []
+            if ckpt_every and step % ckpt_every == 0 and step < total_steps:
+                report({"step": step, "epoch": epoch, **{k: v for k, v in last.items() if k != "total_steps"}},
+                       with_checkpoint=True)
+        if done_this_epoch == 0 and epoch_step == 0:
+            raise RuntimeError("the training data yielded no full batch: fewer usable samples than "
+                               f"the per-worker batch size {local_bs}")
+        if epoch_step >= steps_per_epoch or done_this_epoch < budget:
+            epoch += 1
+            epoch_step = 0
+            if eval_every and eval_cfg.get("enabled", True) and epoch % eval_every == 0 and step < total_steps:
+                if is_main:
+                    res = run_eval(recipe, module, eval_cfg, device)
+                    if res is not None:
+                        logger.log(step, {f"eval/{k}": v for k, v in headline(res).items()},
+                                   progress=False)
+
+    final = {"step": step, "epoch": epoch, **{k: v for k, v in last.items() if k != "total_steps"}}
+    if is_main and eval_cfg.get("enabled", True):
+        res = run_eval(recipe, module, eval_cfg, device)
+        if res is not None:
+            if log_dir:
+                Path(log_dir).mkdir(parents=True, exist_ok=True)
+                (Path(log_dir) / "eval.json").write_text(json.dumps(res, indent=2, default=str))
+            flat = headline(res)
+            logger.log(step, {f"eval/{k}": v for k, v in flat.items()}, progress=False)
+            final.update({f"eval/{k}": v for k, v in flat.items()})
+    logger.close()
+    report(final, with_checkpoint=last_saved != step)

@@ -1,0 +1,116 @@
+"""Training recipes: a small registry keyed by the config's ``recipe`` name.
+
+A recipe decides the three things that differ between CLIP variants; the training loop only
+calls these methods and knows nothing else about them:
+
+(a) :meth:`Recipe.sample_transform`: the per-sample transform run on Ray Data CPU workers
+    (default: decode, open_clip train transform, open_clip tokenizer, keep ``key``);
+(b) :meth:`Recipe.build_model`: the model wrapper, an ``nn.Module`` whose ``forward(batch)``
+    returns the feature dict (default: :class:`training.model.ClipModel`) and which exposes the
+    open_clip model as ``.clip``;
+(c) :meth:`Recipe.build_loss`: ``loss(outputs, batch) -> {"loss": total, **named terms}``. A loss
+    that is an ``nn.Module`` with parameters is trained and checkpointed with the model.
+
+Recipes may also override :meth:`collate` (numpy batch -> tensors), :meth:`embedder` (the
+evaluation interface) and add keys to the config in ``configs/train/<recipe>.yaml`` (merged over
+``configs/train/clip.yaml`` when ``recipe=<name>``).
+
+Register a new recipe with::
+
+    @register_recipe("diht")
+    class DiHTRecipe(ClipRecipe): ...
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+RECIPES: dict[str, type] = {}
+# modules imported on first use of a name that is not registered yet (later issues add theirs)
+RECIPE_MODULES = {"diht": "training.recipe_diht", "improved": "training.recipe_improved"}
+
+
+def register_recipe(name: str):
+    def deco(cls):
+        cls.name = name
+        RECIPES[name] = cls
+        return cls
+    return deco
+
+
+def get_recipe(cfg: dict) -> "Recipe":
+    name = cfg.get("recipe", "clip")
+    if name not in RECIPES and name in RECIPE_MODULES:
+        import importlib
+
+        try:
+            importlib.import_module(RECIPE_MODULES[name])
+        except ModuleNotFoundError:
+            pass
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe '{name}' (known: {', '.join(sorted(RECIPES))})")
+    return RECIPES[name](cfg)
+
+
+class Recipe:
+    name = "base"
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.arch = cfg["model"]["arch"]
+
+    def sample_transform(self, is_train: bool = True, counter=None) -> Callable:
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def build_loss(self, model: nn.Module) -> Callable:
+        raise NotImplementedError
+
+    def collate(self, batch: dict) -> dict:
+        from training.data import collate
+
+        return collate(batch)
+
+    def embedder(self, model: nn.Module, device="cpu"):
+        from training.embedder import ClipEmbedder
+
+        return ClipEmbedder(model, self.arch, device=device)
+
+
+class ClipLossModule:
+    """Plain CLIP loss on the wrapper's outputs (no trainable parameters)."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        self.label_smoothing = float(label_smoothing)
+
+    def __call__(self, out: dict, batch: dict) -> dict:
+        from training.losses.clip import clip_loss
+
+        loss = clip_loss(out["image"], out["text"], out["logit_scale"], self.label_smoothing)
+        return {"loss": loss, "clip": loss.detach()}
+
+
+@register_recipe("clip")
+class ClipRecipe(Recipe):
+    """Plain CLIP: open_clip model, symmetric InfoNCE across workers."""
+
+    def sample_transform(self, is_train: bool = True, counter=None) -> Callable:
+        from training.data import ClipSampleTransform
+
+        aug = self.cfg["data"].get("aug_cfg") or None
+        return ClipSampleTransform(self.arch, is_train=is_train, counter=counter,
+                                   aug_cfg=aug if is_train else None)
+
+    def build_model(self) -> nn.Module:
+        from training.model import ClipModel, create_clip
+
+        m = self.cfg["model"]
+        clip = create_clip(self.arch, init_checkpoint=m.get("init_checkpoint"))
+        return ClipModel(clip, self.arch)
+
+    def build_loss(self, model: nn.Module) -> Callable:
+        return ClipLossModule(self.cfg["loss"].get("label_smoothing", 0.0))

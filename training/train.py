@@ -1,0 +1,250 @@
+"""CLIP training on curated webdataset shards with Ray Train (TorchTrainer).
+
+    python training/train.py [--config FILE] [key.sub=value ...]
+    ray job submit --working-dir . -- python training/train.py data.train=s3://bucket/cat/shards ...
+
+With no arguments it trains the tiny CPU model on the demo curation output (curating the demo
+dataset first when it is missing) and prints the evaluation. Re-running with the same
+``run.name`` (and ``run.storage_path``) resumes from that run's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from curation.config import (CONFIG_DIR, ConfigError, apply_overrides, deep_merge,  # noqa: E402
+                             load_yaml, parse_override)
+
+DEFAULT_CONFIG = CONFIG_DIR / "train" / "clip.yaml"
+EVAL_DEFAULTS = CONFIG_DIR / "eval" / "default.yaml"
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+# --- configuration -------------------------------------------------------------------------------------
+
+def _recipe_name(user: dict, overrides: list[str]) -> str | None:
+    name = user.get("recipe")
+    for text in overrides:
+        path, value = parse_override(text)
+        if path == ["recipe"]:
+            name = value
+    return name
+
+
+def default_config(recipe: str | None = None) -> dict:
+    """``configs/train/clip.yaml``, the recipe's own YAML over it, eval defaults under ``eval``."""
+    cfg = load_yaml(DEFAULT_CONFIG)
+    if recipe and recipe != cfg.get("recipe"):
+        extra = CONFIG_DIR / "train" / f"{recipe}.yaml"
+        if extra.exists():
+            cfg = deep_merge(cfg, load_yaml(extra), strict=False)
+    if EVAL_DEFAULTS.exists():
+        defaults = load_yaml(EVAL_DEFAULTS)
+        cfg["eval"] = deep_merge(defaults.get("eval", defaults), cfg.get("eval") or {}, strict=False)
+    return cfg
+
+
+def build_train_config(user_file: str | None = None, overrides: list[str] = ()) -> dict:
+    user = load_yaml(user_file) if user_file else {}
+    cfg = default_config(_recipe_name(user, list(overrides)))
+    if user:
+        cfg = deep_merge(cfg, user)
+    return apply_overrides(cfg, overrides)
+
+
+def parse_args(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help=f"YAML merged over {DEFAULT_CONFIG.relative_to(CONFIG_DIR.parent)}")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    args = parser.parse_args(argv)
+    try:
+        return build_train_config(args.config, args.overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))
+        raise
+
+
+# --- planning ------------------------------------------------------------------------------------------
+
+def plan_batches(num_samples: int, global_batch: int, num_workers: int, accum_steps: int,
+                 epochs: float, max_steps: int | None = None) -> dict:
+    """Per-worker batch, steps per epoch and total optimizer steps."""
+    per_step = num_workers * accum_steps
+    if global_batch % per_step:
+        raise TrainError(f"train.batch_size={global_batch} must be divisible by scaling.num_workers"
+                         f" x train.accum_steps = {per_step}")
+    # samples are split equally over the workers; each worker drops its last partial batch
+    steps_per_epoch = (num_samples // num_workers) // (global_batch // num_workers)
+    if steps_per_epoch < 1:
+        raise TrainError(f"only {num_samples} training samples: fewer than one global batch of "
+                         f"{global_batch}; lower train.batch_size")
+    total = int(max_steps) if max_steps else max(1, int(round(epochs * steps_per_epoch)))
+    return {"local_batch_size": global_batch // per_step, "steps_per_epoch": steps_per_epoch,
+            "total_steps": total}
+
+
+def ensure_demo_data(cfg: dict, log=print) -> str:
+    """The demo curation output (``data.demo_output``), curated with the default config if missing."""
+    out = cfg["data"]["demo_output"]
+    if (Path(out) / "shards" / "sizes.json").exists():
+        return out
+    from curation.config import build_config
+    from curation.pipeline import curate
+
+    log(f"no data.train given and no demo curation output at {out}: curating the demo dataset")
+    ccfg = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml",
+                        overrides=[f"output={out}", "progress=false"])
+    curate(ccfg, log=log)
+    return out
+
+
+def resolve_use_gpu(value) -> bool:
+    if value in (True, False):
+        return value
+    if value != "auto":
+        raise TrainError(f"scaling.use_gpu must be auto, true or false, got {value!r}")
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def storage_and_name(cfg: dict) -> tuple[str, str]:
+    storage = cfg["run"]["storage_path"]
+    if "://" not in storage:
+        storage = os.path.abspath(storage)
+    name = cfg["run"]["name"] or f"{cfg.get('recipe', 'clip')}-{cfg['model']['arch']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return storage, name
+
+
+def log_dir_for(cfg: dict, storage: str, name: str) -> str:
+    if cfg["run"].get("log_dir"):
+        return os.path.abspath(cfg["run"]["log_dir"])
+    if "://" in storage:  # metrics files stay local when checkpoints go to object storage
+        return os.path.abspath(os.path.join("outputs", "train_logs", name))
+    return os.path.join(storage, name)
+
+
+# --- the job ---------------------------------------------------------------------------------------
+
+def build_trainer(cfg: dict, log=print):
+    """Everything up to ``TorchTrainer``; returns ``(trainer, info)``."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from training.data import build_dataset, count_samples, resolve_shards, start_error_counter
+    from training.loop import train_loop_per_worker
+    from training.recipes import get_recipe
+
+    data_cfg = dict(cfg["data"])
+    if not data_cfg.get("train"):
+        data_cfg["train"] = ensure_demo_data(cfg, log=log)
+    paths, fs = resolve_shards(data_cfg["train"])
+    num_samples = data_cfg.get("num_samples") or count_samples(paths, fs)
+    recipe = get_recipe(cfg)
+    counter = start_error_counter()
+    ds = build_dataset(data_cfg, recipe.sample_transform(is_train=True, counter=counter))
+    if not num_samples:
+        log("no sizes.json for these shards: counting samples (one pass over the data)")
+        num_samples = ds.count()
+    sc, tcfg = cfg["scaling"], cfg["train"]
+    workers = int(sc["num_workers"])
+    plan = plan_batches(int(num_samples), int(tcfg["batch_size"]), workers, int(tcfg["accum_steps"]),
+                        float(tcfg["epochs"]), tcfg.get("max_steps"))
+    use_gpu = resolve_use_gpu(sc["use_gpu"])
+    resources = {"CPU": float(sc["cpus_per_worker"])}
+    if use_gpu:
+        resources["GPU"] = float(sc.get("gpus_per_worker") or 1)
+    resources.update(sc.get("extra_resources") or {})
+    storage, name = storage_and_name(cfg)
+    log_dir = log_dir_for(cfg, storage, name)
+    eval_cfg = dict(cfg.get("eval") or {})
+    if eval_cfg.get("cache_dir") and "://" not in eval_cfg["cache_dir"]:
+        eval_cfg["cache_dir"] = os.path.abspath(eval_cfg["cache_dir"])  # workers may run elsewhere
+    info = {"num_samples": int(num_samples), "num_shards": len(paths), "use_gpu": use_gpu,
+            "storage_path": storage, "name": name, "log_dir": log_dir, "counter": counter,
+            "data": data_cfg["train"], **plan}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": {**cfg, "data": data_cfg, "eval": eval_cfg}, "log_dir": log_dir, **plan},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=sc.get("placement_strategy", "PACK")),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=int(cfg["run"]["max_failures"])),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg["run"]["num_to_keep"])),
+        datasets={"train": ds},
+    )
+    return trainer, info
+
+
+def train(cfg: dict, log=print) -> dict:
+    """Run the training job; returns a summary (checkpoint path, metrics, eval, skipped samples)."""
+    import ray
+
+    from curation.pipeline import init_ray
+
+    init_ray(cfg.get("ray") or {})
+    ray.data.DataContext.get_current().enable_progress_bars = bool(cfg.get("progress", False))
+    started = time.time()
+    trainer, info = build_trainer(cfg, log=log)
+    log(f"training {cfg['model']['arch']} ({cfg.get('recipe', 'clip')}) on {info['num_samples']} samples "
+        f"in {info['num_shards']} shards: {info['total_steps']} steps of {cfg['train']['batch_size']} "
+        f"({info['steps_per_epoch']} per epoch), {cfg['scaling']['num_workers']} worker(s), "
+        f"gpu={info['use_gpu']}; run {info['name']} in {info['storage_path']}")
+    result = trainer.fit()
+    skipped = ray.get(info["counter"].summary.remote())
+    summary = {
+        "name": info["name"],
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "metrics": result.metrics,
+        "skipped_samples": skipped,
+        "plan": {k: info[k] for k in ("num_samples", "steps_per_epoch", "total_steps", "local_batch_size")},
+        "log_dir": info["log_dir"],
+        "elapsed_s": round(time.time() - started, 1),
+    }
+    Path(info["log_dir"]).mkdir(parents=True, exist_ok=True)
+    (Path(info["log_dir"]) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if result.error:
+        raise TrainError(f"training failed: {result.error}")
+    return summary
+
+
+def format_eval(log_dir: str) -> str:
+    path = Path(log_dir) / "eval.json"
+    if not path.exists():
+        return "(no evaluation results)"
+    results = json.loads(path.read_text())
+    try:
+        from training.evaluate import format_results
+    except ImportError:
+        return json.dumps(results, indent=2)
+    return format_results(results)
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    try:
+        summary = train(cfg)
+    except TrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    m = summary["metrics"] or {}
+    s = summary["skipped_samples"]
+    print(f"\nrun {summary['name']}: {m.get('step')} steps in {summary['elapsed_s']}s, final loss "
+          f"{m.get('train/loss', float('nan')):.4f}; skipped {s['skipped']} bad sample reads "
+          f"({s['by_reason']})\ncheckpoint: {summary['checkpoint']}\nlogs: {summary['log_dir']}\n"
+          f"evaluation ({Path(summary['log_dir']) / 'eval.json'}):\n{format_eval(summary['log_dir'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
