@@ -29,7 +29,14 @@ def load_embedder(checkpoint: str, arch: str | None = None, model_config: str | 
     import torch
 
     from training.evaluate import OpenClipEmbedder
+    from training.model import register_model_configs
 
+    register_model_configs()  # the project's tiny architectures (configs/models/*.json)
+    if Path(checkpoint).is_dir() and (Path(checkpoint) / "open_clip.pt").is_file():
+        folder = Path(checkpoint)  # a trainer checkpoint folder: its meta.json names the arch
+        checkpoint = str(folder / "open_clip.pt")
+        if not arch and not model_config and (folder / "meta.json").is_file():
+            arch = json.loads((folder / "meta.json").read_text()).get("arch")
     if model_config:
         if not Path(model_config).is_file():
             raise ValueError(f"model config not found: {model_config}")
