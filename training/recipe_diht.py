@@ -1,0 +1,252 @@
+"""The DiHT recipe (Radenovic et al., CVPR 2023): HN-NCE + concept distillation on Ray Train.
+
+    python training/train.py --config configs/train/diht_tiny.yaml          # CPU demo
+    python training/train.py recipe=diht data.train=s3://bucket/laion_cat   # cluster (configs/train/diht.yaml)
+
+``recipe: diht`` plugs three things into the trainer's seams (:mod:`training.recipes`):
+
+* **loss** (:class:`DiHTLoss`): HN-NCE (:func:`training.losses.hnnce.hnnce_loss`, ``loss.hnnce.alpha``
+  / ``loss.hnnce.beta``; ``beta: 0, alpha: 1`` is exactly the CLIP loss) plus, when
+  ``loss.distill.enabled``, ``lambda * (L_objects + L_attributes)`` from two linear heads on the
+  student's pooled image feature (:class:`training.losses.distill.ConceptDistillLoss`, weight
+  ``loss.distill.weight``, temperature ``loss.distill.temperature``). The terms are returned (and
+  logged) separately: ``loss``, ``contrastive``, ``distill`` and ``concept_coverage`` (the fraction
+  of the batch that has targets). The heads are trained with the model and saved in
+  ``train_state.pt``; ``open_clip.pt`` holds the plain open_clip student.
+* **sample transform** (:class:`ConceptSampleTransform`): the plain CLIP transform plus the
+  stored teacher targets, joined **by sample key** with the ``CURATED/concepts`` folder written by
+  ``pipelines/label_concepts.py`` (``loss.distill.concepts``; ``null``: ``<data.train>/concepts``).
+  Each Ray Data worker process reads the folder once (:func:`training.concepts.read_concepts`)
+  and keeps a key -> row index; samples whose key has no targets get ``has_concepts = False`` and
+  contribute only the contrastive loss. No teacher runs during training.
+* **model / embedder**: the plain CLIP wrapper and embedder (the heads are training-only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.data import ClipSampleTransform
+from training.recipes import ClipRecipe, register_recipe
+
+TARGET_COLUMNS = ("obj_ids", "obj_probs", "attr_ids", "attr_probs")
+_TARGETS: dict = {}  # per-process cache: concepts URL -> ConceptTargets
+
+
+class ConceptError(ValueError):
+    """The concept targets cannot be used (missing folder, mismatching vocabulary)."""
+
+
+# --- the join by key (pure, no Ray) ---------------------------------------------------------------
+
+def padded_list_column(column, k: int, dtype, fill) -> np.ndarray:
+    """[N, k] array from an Arrow ``list<...>`` column: the first ``k`` values of each row,
+    padded with ``fill`` (vectorised :func:`training.concepts.padded_targets`)."""
+    import pyarrow as pa
+
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(arr)
+    out = np.full((n, k), fill, dtype)
+    if n == 0:
+        return out
+    offsets = arr.offsets.to_numpy()
+    values = arr.values.to_numpy(zero_copy_only=False)
+    lengths = np.minimum(np.diff(offsets), k)
+    if arr.null_count:
+        lengths = np.where(arr.is_null().to_numpy(zero_copy_only=False), 0, lengths)
+    rows = np.repeat(np.arange(n), lengths)
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    pos = np.arange(int(lengths.sum())) - starts
+    out[rows, pos] = values[np.repeat(offsets[:-1], lengths) + pos]
+    return out
+
+
+class ConceptTargets:
+    """Key -> padded top-k concept targets of one ``CURATED/concepts`` table.
+
+    :meth:`lookup` turns a batch's keys into ``obj_ids``/``attr_ids`` [n, k] int64 (-1 padded),
+    ``obj_probs``/``attr_probs`` [n, k] float32 (0 padded) and ``has_concepts`` [n] bool: False
+    for keys the table lacks and for samples the labelling job could not label (``error`` set).
+    """
+
+    def __init__(self, table, top_k: int):
+        if top_k < 1:
+            raise ConceptError(f"top_k must be >= 1, got {top_k}")
+        missing = [c for c in ("key", *TARGET_COLUMNS) if c not in table.column_names]
+        if missing:
+            raise ConceptError(f"concept table lacks columns {missing}")
+        self.top_k = int(top_k)
+        keys = [posixpath.basename(k) for k in table["key"].to_pylist()]
+        self.index = {k: i for i, k in enumerate(keys)}
+        self.arrays = {}
+        for c in TARGET_COLUMNS:
+            ids = c.endswith("_ids")
+            self.arrays[c] = padded_list_column(table[c], self.top_k, np.int64 if ids else np.float32,
+                                                -1 if ids else 0.0)
+        labelled = (self.arrays["obj_ids"] >= 0).any(axis=1) | (self.arrays["attr_ids"] >= 0).any(axis=1)
+        if "error" in table.column_names:
+            labelled &= np.asarray(table["error"].is_null().to_numpy(zero_copy_only=False), bool)
+        self.labelled = labelled
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def lookup(self, keys) -> dict[str, np.ndarray]:
+        rows = np.array([self.index.get(posixpath.basename(str(k)), -1) for k in keys], np.int64)
+        found = rows >= 0
+        safe = np.where(found, rows, 0)
+        out = {}
+        for c, arr in self.arrays.items():
+            if len(arr):
+                v = arr[safe]
+                v[~found] = -1 if c.endswith("_ids") else 0.0
+            else:
+                v = np.full((len(rows), self.top_k), -1 if c.endswith("_ids") else 0.0, arr.dtype)
+            out[c] = v
+        out["has_concepts"] = found & (self.labelled[safe] if len(self.labelled) else False)
+        return out
+
+
+def read_vocab(url: str) -> dict:
+    """``vocab.json`` of a concepts folder, with a clear error when the folder is incomplete."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    path = posixpath.join(root, "vocab.json")
+    if not fs.exists(path):
+        raise ConceptError(f"no concept labels at {url} (vocab.json missing): run "
+                           "pipelines/label_concepts.py first, set loss.distill.concepts, or "
+                           "loss.distill.enabled=false")
+    with fs.open(path, "r") as f:
+        vocab = json.load(f)
+    for name in ("objects", "attributes"):
+        if not isinstance(vocab.get(name), list) or not vocab[name]:
+            raise ConceptError(f"{path}: '{name}' must be a non-empty list")
+    return vocab
+
+
+def load_targets(url: str) -> ConceptTargets:
+    """The folder's targets, read once per process (:func:`training.concepts.read_concepts`)."""
+    if url not in _TARGETS:
+        from training.concepts import read_concepts
+
+        try:
+            vocab, table = read_concepts(url)
+        except FileNotFoundError as exc:
+            raise ConceptError(str(exc)) from None
+        _TARGETS[url] = ConceptTargets(table, int(vocab.get("top_k") or 1))
+    return _TARGETS[url]
+
+
+def concepts_url(cfg: dict) -> str:
+    """``loss.distill.concepts``, else ``<curated folder>/concepts`` of ``data.train`` (or of the
+    demo output when ``data.train`` is null). Local paths are made absolute."""
+    url = (cfg["loss"].get("distill") or {}).get("concepts")
+    if not url:
+        data = cfg["data"].get("train") or cfg["data"].get("demo_output")
+        if not isinstance(data, str) or any(ch in data for ch in "{*?["):
+            raise ConceptError("loss.distill.concepts must be set when data.train is not one "
+                               f"curated folder (got {data!r})")
+        base = data.rstrip("/")
+        if posixpath.basename(base) == "shards":
+            base = posixpath.dirname(base)
+        url = posixpath.join(base, "concepts")
+    return url if "://" in url else os.path.abspath(url)
+
+
+class ConceptSampleTransform(ClipSampleTransform):
+    """:class:`training.data.ClipSampleTransform` + the concept targets of each sample's key."""
+
+    def __init__(self, arch: str, concepts: str, is_train: bool = True, counter=None,
+                 aug_cfg: dict | None = None):
+        super().__init__(arch, is_train=is_train, counter=counter, aug_cfg=aug_cfg)
+        self.concepts = concepts
+
+    def __call__(self, batch: dict) -> dict:
+        out = super().__call__(batch)
+        out.update(load_targets(self.concepts).lookup(out["key"]))
+        return out
+
+
+# --- the loss -------------------------------------------------------------------------------------
+
+class DiHTLoss(nn.Module):
+    """``HN-NCE + [lambda * (L_objects + L_attributes)]`` on the wrapper's outputs.
+
+    ``distill`` is a :class:`~training.losses.distill.ConceptDistillLoss` (its heads are trained
+    with the model) or None. Returns ``{"loss", "contrastive"[, "distill", "concept_coverage"]}``.
+    """
+
+    def __init__(self, alpha: float = 1.0, beta: float = 0.5, distill: nn.Module | None = None):
+        super().__init__()
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.distill = distill
+
+    def forward(self, out: dict, batch: dict) -> dict:
+        from training.losses.hnnce import hnnce_loss
+
+        contrastive = hnnce_loss(out["image"], out["text"], out["logit_scale"], self.alpha, self.beta)
+        terms = {"contrastive": contrastive.detach()}
+        loss = contrastive
+        if self.distill is not None:
+            distill = self.distill(out["image_pooled"], batch)
+            loss = loss + distill
+            terms["distill"] = distill.detach()
+            has = batch.get("has_concepts")
+            if torch.is_tensor(has):
+                terms["concept_coverage"] = has.float().mean().detach()
+        return {"loss": loss, **terms}
+
+
+# --- the recipe ------------------------------------------------------------------------------------
+
+@register_recipe("diht")
+class DiHTRecipe(ClipRecipe):
+    """DiHT: CLIP model, HN-NCE loss and (optionally) concept distillation from stored targets."""
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        loss = cfg["loss"]
+        if float(loss.get("label_smoothing") or 0.0) != 0.0:
+            raise ValueError("recipe diht: HN-NCE has no label smoothing; set loss.label_smoothing=0")
+        hn = loss.get("hnnce") or {}
+        self.alpha, self.beta = float(hn.get("alpha", 1.0)), float(hn.get("beta", 0.5))
+        if self.alpha < 0:
+            raise ValueError(f"loss.hnnce.alpha must be >= 0, got {self.alpha}")
+        self.distill_cfg = dict(loss.get("distill") or {})
+        self.distill = bool(self.distill_cfg.get("enabled", False))
+        self.concepts = None
+        if self.distill:
+            self.concepts = concepts_url(cfg)
+            # Resolved once (on the driver) and written back into the config the trainer hands
+            # to its workers, whose working directory may differ.
+            loss.setdefault("distill", {})["concepts"] = self.concepts
+
+    def sample_transform(self, is_train: bool = True, counter=None) -> Callable:
+        if not self.distill:
+            return super().sample_transform(is_train, counter)
+        read_vocab(self.concepts)  # fail fast on the driver, before any worker starts
+        aug = self.cfg["data"].get("aug_cfg") or None
+        return ConceptSampleTransform(self.arch, self.concepts, is_train=is_train, counter=counter,
+                                      aug_cfg=aug if is_train else None)
+
+    def build_loss(self, model: nn.Module) -> nn.Module:
+        distill = None
+        if self.distill:
+            from training.losses.distill import ConceptDistillLoss
+
+            in_dim = getattr(model, "pooled_dim", None)
+            if not in_dim:
+                raise ValueError("recipe diht: the model wrapper has no pooled_dim for the concept heads")
+            distill = ConceptDistillLoss.from_vocab(
+                read_vocab(self.concepts), int(in_dim),
+                weight=float(self.distill_cfg.get("weight", 1.0)),
+                temperature=float(self.distill_cfg.get("temperature", 1.0)))
+        return DiHTLoss(self.alpha, self.beta, distill)
