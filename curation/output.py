@@ -33,6 +33,11 @@ from curation.ingest import (DROPPED, ERROR, KEPT, NOT_DOWNLOADED, PENDING, Inpu
 
 FILTERS = ("complexity", "action", "text_spotting")
 
+# text_spotting_status of an evaluated sample (kept or dropped); null for errors and failed downloads
+EVALUATED = "evaluated"          # OCR ran: ocr_text, ocr_boxes, text_overlap, passed_text_spotting set
+NOT_EVALUATED = "not_evaluated"  # the cascade skipped it: it had already failed C or A
+OFF = "off"                      # filters.text_spotting.enabled is false
+
 STATS_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("shard", pa.string()),
@@ -49,6 +54,7 @@ STATS_SCHEMA = pa.schema([
     ("ocr_boxes", pa.int32()),
     ("text_overlap", pa.float32()),
     ("passed_text_spotting", pa.bool_()),
+    ("text_spotting_status", pa.string()),
     ("width", pa.int32()),
     ("height", pa.int32()),
     ("image_format", pa.string()),
@@ -61,13 +67,16 @@ def decide(rows: pa.Table) -> pa.Table:
     """Final status and drop reason of each sample, as a table in :data:`STATS_SCHEMA`.
 
     A pending sample is dropped by the first filter (in C, A, T order) whose ``passed_*`` is
-    False; a filter that is off or was not evaluated (None) does not drop.
+    False; a filter that is off or was not evaluated (None) does not drop. A pending sample that
+    no text-spotting stage saw gets ``text_spotting_status`` "off".
     """
     records = rows.to_pylist()
     for r in records:
         r.setdefault("drop_reason", None)
         if r["status"] != PENDING:
             continue
+        if r.get("text_spotting_status") is None:
+            r["text_spotting_status"] = OFF
         reason = next((f for f in FILTERS if r.get(f"passed_{f}") is False), None)
         r["status"], r["drop_reason"] = (DROPPED, reason) if reason else (KEPT, None)
     records.sort(key=lambda r: (r["key"] is None, r["key"] or ""))
@@ -122,7 +131,7 @@ class OutputFolder:
         for p in files:
             with self.fs.open(p, "rb") as f:
                 tables.append(pq.read_table(f, columns=list(columns) if columns else None))
-        return pa.concat_tables(tables)
+        return pa.concat_tables(tables, promote_options="default")
 
 
 def _sample_json(original: bytes | None, stats_row: dict) -> bytes:
@@ -219,6 +228,8 @@ def funnel(stats: pa.Table) -> dict:
         col = stats[f"passed_{f}"]
         alive = pc.and_(alive, pc.fill_null(col, True))
         out[f"passed_{f}"] = count(alive)
+    if "text_spotting_status" in stats.column_names:  # absent in stats written before it existed
+        out["text_spotting_evaluated"] = count(pc.equal(stats["text_spotting_status"], EVALUATED))
     out["kept"] = count(pc.equal(status, KEPT))
     out["dropped"] = {f: count(pc.equal(stats["drop_reason"], f)) for f in FILTERS}
     return out

@@ -3,11 +3,16 @@
 Stages (each one's parallelism and resources come from the config's ``stages`` section):
 
 1. **read** (Ray tasks, one per pending input shard): stream the shard's samples as Arrow
-   blocks, validating captions and image bytes; one marker row closes each shard.
+   blocks, validating captions and image bytes; one marker row closes each shard. Ray Data fuses
+   it into the caption actors.
 2. **caption** (actor pool; spaCy loaded once per actor): Complexity and Action scores.
-3. The driver groups the small per-sample result rows (image bytes dropped) by shard; when a
-   shard is complete it submits a **write** task that re-reads that input shard, copies the kept
-   samples byte for byte into ``shards/NAME.tar`` and commits ``stats/NAME.parquet``.
+3. **ocr** (actor pool; the OCR reader built once per actor, on CPU or on ``num_gpus`` per
+   actor): Text spotting, by default only for samples that passed C and A (the cascade;
+   ``filters.text_spotting.evaluate_all`` runs it on every sample). The last stage drops the
+   image bytes before rows reach the driver.
+4. The driver groups the small per-sample result rows by shard; when a shard is complete it
+   submits a **write** task that re-reads that input shard, copies the kept samples byte for
+   byte into ``shards/NAME.tar`` and commits ``stats/NAME.parquet``.
 
 Output shard ``NAME`` matches input shard ``NAME``, so the brace range users gave
 img2dataset's output also names the curated shards.
@@ -24,9 +29,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.caption_filters import CaptionFilterConfig, CaptionScorer
-from curation.ingest import (PENDING, SHARD_END, IngestOptions, InputShard, discover_shards,
+from curation.ingest import (ERROR, PENDING, SHARD_END, IngestOptions, InputShard, discover_shards,
                              read_shard)
-from curation.output import OutputFolder, format_funnel, funnel, sizes, write_shard
+from curation.ocr import TextSpotter, TextSpottingConfig, make_backend, set_torch_threads
+from curation.output import (EVALUATED, NOT_EVALUATED, OutputFolder, format_funnel, funnel,
+                             sizes, write_shard)
 
 
 class PipelineError(RuntimeError):
@@ -59,16 +66,77 @@ def add_caption_scores(batch: pa.Table, scorer: CaptionScorer) -> pa.Table:
     return batch.append_column("passed_action", pa.array(cols["passed_action"], pa.bool_()))
 
 
+def drop_image(batch: pa.Table) -> pa.Table:
+    return batch.drop_columns(["image"]) if "image" in batch.column_names else batch
+
+
 class CaptionFilterStage:
     """Ray Data actor: loads the spaCy pipeline once, then scores blocks of captions."""
 
-    def __init__(self, filters: dict, spacy_cfg: dict):
+    def __init__(self, filters: dict, spacy_cfg: dict, keep_image: bool = False):
         self.scorer = CaptionScorer(CaptionFilterConfig.from_config(filters),
                                     model=spacy_cfg.get("model", "en_core_web_sm"),
                                     batch_size=int(spacy_cfg.get("batch_size", 256)))
+        self.keep_image = keep_image
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return add_caption_scores(batch, self.scorer)
+        batch = add_caption_scores(batch, self.scorer)
+        return batch if self.keep_image else drop_image(batch)
+
+
+def needs_text_spotting(batch: pa.Table, evaluate_all: bool) -> list[int]:
+    """Rows the T filter runs on: pending ones that passed C and A (or all pending ones)."""
+    status = batch["status"].to_pylist()
+    n = batch.num_rows
+    passed_c = batch["passed_complexity"].to_pylist() if "passed_complexity" in batch.column_names else [None] * n
+    passed_a = batch["passed_action"].to_pylist() if "passed_action" in batch.column_names else [None] * n
+    return [i for i in range(n) if status[i] == PENDING
+            and (evaluate_all or (passed_c[i] is not False and passed_a[i] is not False))]
+
+
+def add_text_spotting(batch: pa.Table, spotter: TextSpotter) -> pa.Table:
+    """OCR the rows that need it; record the others as not evaluated; drop the image bytes.
+
+    An image that cannot be decoded for OCR turns its row into a per-sample error.
+    """
+    idx = needs_text_spotting(batch, spotter.cfg.evaluate_all)
+    images, captions = batch["image"].to_pylist(), batch["caption"].to_pylist()
+    results = spotter.spot([images[i] for i in idx], [captions[i] for i in idx])
+    n = batch.num_rows
+    status, error = batch["status"].to_pylist(), batch["error"].to_pylist()
+    cols = {name: [None] * n for name in ("ocr_text", "ocr_boxes", "text_overlap",
+                                          "passed_text_spotting")}
+    ts_status = [NOT_EVALUATED if s == PENDING else None for s in status]
+    for i, r in zip(idx, results):
+        if r.error:
+            status[i], error[i], ts_status[i] = ERROR, r.error, None
+            continue
+        ts_status[i] = EVALUATED
+        cols["ocr_text"][i], cols["ocr_boxes"][i] = r.ocr_text, r.ocr_boxes
+        cols["text_overlap"][i], cols["passed_text_spotting"][i] = r.text_overlap, r.passed
+    batch = batch.set_column(batch.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
+    batch = batch.set_column(batch.schema.get_field_index("error"), "error", pa.array(error, pa.string()))
+    for name, typ in (("ocr_text", pa.string()), ("ocr_boxes", pa.int32()),
+                      ("text_overlap", pa.float32()), ("passed_text_spotting", pa.bool_())):
+        batch = batch.append_column(name, pa.array(cols[name], typ))
+    batch = batch.append_column("text_spotting_status", pa.array(ts_status, pa.string()))
+    return drop_image(batch)
+
+
+class TextSpottingStage:
+    """Ray Data actor: builds the OCR reader once (torch threads set per actor), then spots text
+    in blocks of images."""
+
+    def __init__(self, ts_cfg: dict, max_pixels: int, gpu: bool, torch_threads: int | None,
+                 ocr_batch_size: int):
+        set_torch_threads(torch_threads)
+        cfg = TextSpottingConfig.from_config(ts_cfg)
+        backend = make_backend(cfg.backend, languages=cfg.languages, gpu=gpu,
+                               batch_size=ocr_batch_size)
+        self.spotter = TextSpotter(cfg, backend, max_pixels=max_pixels)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return add_text_spotting(batch, self.spotter)
 
 
 # --- driver ---------------------------------------------------------------------------------------
@@ -88,25 +156,63 @@ def init_ray(ray_cfg: dict):
     ray.init(**kwargs)
 
 
+def ocr_actor_count(ocr_stage: dict, caption_reserved: float) -> int:
+    """``stages.ocr.actors``, or when null as many as the cluster's CPUs (GPUs with num_gpus)
+    hold next to the caption actors."""
+    import ray
+
+    if ocr_stage.get("actors"):
+        return int(ocr_stage["actors"])
+    res = ray.cluster_resources()
+    if ocr_stage.get("num_gpus"):
+        return max(1, int(res.get("GPU", 0) / float(ocr_stage["num_gpus"])))
+    return max(1, int((res.get("CPU", 1) - caption_reserved) / float(ocr_stage["num_cpus"]) + 1e-9))
+
+
 def build_dataset(pending: list[InputShard], cfg: dict):
     import ray
 
     stages, opts = cfg["stages"], IngestOptions.from_config(cfg["ingest"])
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(cfg.get("progress", True))
+    cap_cfg = CaptionFilterConfig.from_config(cfg["filters"])
+    ts_cfg = TextSpottingConfig.from_config(cfg["filters"]["text_spotting"])
+    cs = stages["caption"]
+    # With the caption stage on, the read runs inside its actors: Ray Data fuses the two only when
+    # their resources are equal, and an unfused read task could wait forever for a CPU that the
+    # actor pools hold.
+    read_res = ({"num_cpus": cs["num_cpus"], "num_gpus": cs.get("num_gpus", 0)} if cap_cfg.enabled
+                else {"num_cpus": stages["read"]["num_cpus"]})
     ds = ray.data.from_items([s.to_dict() for s in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(read_shards_batch, fn_kwargs={"opts": opts}, batch_size=1,
-                        batch_format="pyarrow", num_cpus=stages["read"]["num_cpus"],
-                        concurrency=stages["read"].get("concurrency"))
-    cap_cfg = CaptionFilterConfig.from_config(cfg["filters"])
+                        batch_format="pyarrow", concurrency=stages["read"].get("concurrency"),
+                        **read_res)
+    reserved = 0.0 if cap_cfg.enabled else float(stages["read"]["num_cpus"])
     if cap_cfg.enabled:
-        cs = stages["caption"]
+        reserved = cs["actors"] * cs["num_cpus"]
         ds = ds.map_batches(CaptionFilterStage,
-                            fn_constructor_kwargs={"filters": cfg["filters"], "spacy_cfg": cfg["spacy"]},
+                            fn_constructor_kwargs={"filters": cfg["filters"], "spacy_cfg": cfg["spacy"],
+                                                   "keep_image": ts_cfg.enabled},
                             batch_size=cs["batch_size"], batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(size=cs["actors"]),
                             num_cpus=cs["num_cpus"], num_gpus=cs.get("num_gpus", 0))
-    return ds.drop_columns(["image"])
+    if ts_cfg.enabled:
+        os_ = stages["ocr"]
+        gpus = float(os_.get("num_gpus") or 0)
+        threads = os_.get("torch_threads") or max(1, round(float(os_["num_cpus"])))
+        ds = ds.map_batches(TextSpottingStage,
+                            fn_constructor_kwargs={"ts_cfg": cfg["filters"]["text_spotting"],
+                                                   "max_pixels": opts.max_image_pixels,
+                                                   "gpu": gpus > 0, "torch_threads": threads,
+                                                   "ocr_batch_size": os_["ocr_batch_size"]},
+                            batch_size=os_["batch_size"], batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(
+                                size=ocr_actor_count(os_, reserved)),
+                            num_cpus=os_["num_cpus"], num_gpus=gpus)
+    elif not cap_cfg.enabled:
+        ds = ds.map_batches(drop_image, batch_format="pyarrow", batch_size=None,
+                            num_cpus=stages["read"]["num_cpus"])
+    return ds
 
 
 class ShardCollector:
@@ -143,9 +249,10 @@ def curate(cfg: dict, log=print) -> dict:
     import ray
 
     started = time.time()
-    if cfg.get("filters", {}).get("text_spotting", {}).get("enabled"):
-        raise PipelineError("filters.text_spotting is not available yet; set "
-                            "filters.text_spotting.enabled=false")
+    try:
+        TextSpottingConfig.from_config(cfg["filters"]["text_spotting"])
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from None
     input_url = cfg.get("input")
     if not input_url:
         from curation.demo_data import build_demo_dataset
@@ -207,6 +314,13 @@ def curate(cfg: dict, log=print) -> dict:
     out.write_json("shards/sizes.json", sizes(stats))
     out.write_json("summary.json", summary)
     log("CAT filter funnel (all committed shards):\n" + format_funnel(summary["funnel"]))
+    if cfg.get("report", True):
+        from curation.report import write_report
+
+        try:
+            log(f"report: {write_report(cfg['output'])}")
+        except Exception as exc:  # the report is a convenience: never fail the job for it
+            log(f"report not written: {type(exc).__name__}: {exc}")
     if failures:
         raise PipelineError(f"{len(failures)} shard(s) failed and stay uncommitted; re-run to retry: "
                             + ", ".join(sorted(failures)))

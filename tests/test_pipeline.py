@@ -18,10 +18,30 @@ from helpers import (count_sidecar_rows, jpeg, noisy_jpeg, png, png_claiming, re
 STATUSES = {"kept", "dropped", "error", "not_downloaded"}
 
 
-def make_cfg(input_dir, out_dir, *overrides):
+def make_cfg(input_dir, out_dir, *overrides, ocr=False):
+    """The default config on small inputs; text spotting (slow on CPU) only where asked."""
     return build_config(CONFIG_DIR / "curation" / "cat_filter.yaml",
                         overrides=[f"input={input_dir}", f"output={out_dir}", "progress=false",
-                                   "stages.caption.actors=1", *overrides])
+                                   "report=false", f"filters.text_spotting.enabled={str(ocr).lower()}",
+                                   *overrides])
+
+
+def assert_text_spotting_columns(stats):
+    """Every row says whether T was evaluated; only evaluated rows carry OCR results."""
+    ev = stats.status.isin(["kept", "dropped"])
+    ts = stats.text_spotting_status
+    assert ts[ev].isin(["evaluated", "not_evaluated", "off"]).all()
+    assert ts[~ev].isna().all()
+    evaluated = ts == "evaluated"
+    for col in ("text_overlap", "passed_text_spotting", "ocr_boxes", "ocr_text"):
+        assert (stats[col].notna() == evaluated).all(), col
+    assert stats.text_overlap[evaluated].between(0, 1).all()
+    skipped = stats[ts == "not_evaluated"]
+    assert ((skipped.passed_complexity == False) | (skipped.passed_action == False)).all()  # noqa: E712
+    t_dropped = stats[stats.drop_reason == "text_spotting"]
+    assert (t_dropped.passed_text_spotting == False).all()  # noqa: E712
+    assert (t_dropped.passed_complexity != False).all() and (t_dropped.passed_action != False).all()  # noqa: E712
+    assert (stats[stats.status == "kept"].passed_text_spotting != False).all()  # noqa: E712
 
 
 def assert_accounting(input_dir, out_dir):
@@ -44,6 +64,7 @@ def assert_accounting(input_dir, out_dir):
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["funnel"]["input"] == len(stats)
     assert summary["funnel"]["kept"] == len(kept)
+    assert_text_spotting_columns(stats)
     return stats, samples
 
 
@@ -56,9 +77,12 @@ def test_demo_end_to_end(ray_session, demo_input, tmp_path):
     from pathlib import Path
 
     out = tmp_path / "out"
-    summary = curate(make_cfg(demo_input, out), log=lambda *_: None)
+    summary = curate(make_cfg(demo_input, out, ocr=True), log=lambda *_: None)
     stats, samples = assert_accounting(Path(demo_input), out)
     f = summary["funnel"]
+    # the cascade: OCR ran exactly on the samples that passed C and A
+    assert f["text_spotting_evaluated"] == f["passed_action"] > 0
+    assert (stats.text_spotting_status == "not_evaluated").sum() == f["evaluated"] - f["passed_action"]
     assert f["input"] == 120 and 0 < f["kept"] < f["passed_complexity"] <= f["evaluated"]
     assert f["dropped"]["complexity"] > 0 and f["dropped"]["action"] > 0
     assert summary["versions"]["spacy"] and summary["config"]["filters"]["complexity"]["min"] == 1
@@ -112,7 +136,7 @@ def test_bad_input_gives_per_sample_errors(ray_session, tmp_path):
     ])
     write_wds_shard(inp, "00001", [{"key": f"t{i}", "caption": good, "image": noisy_jpeg(seed=i)}
                                    for i in range(8)], truncate_to=0.55)
-    summary = curate(make_cfg(inp, out), log=lambda *_: None)
+    summary = curate(make_cfg(inp, out, ocr=True), log=lambda *_: None)
     stats, samples = assert_accounting(inp, out)
     by_key = stats.set_index("key")
     expected = {"corrupt": "not a recognised image", "truncated": "corrupt image data",
@@ -187,3 +211,37 @@ def test_readme_demo_funnel_is_true(ray_session, tmp_path):
              "passed action": "passed_action", "passed text spotting": "passed_text_spotting",
              "kept": "kept"}
     assert quoted == {k: f[v] for k, v in names.items()}
+
+
+def test_cascade_and_evaluate_all(ray_session, tmp_path):
+    """T runs only after C and A by default, on every sample with evaluate_all; same decisions."""
+    from curation.textspot_data import text_image
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    passing = ["a dog is chasing a yellow ball in the park", "a woman riding a brown horse on the beach",
+               "a chef cooking pasta in a small kitchen"]
+    failing = ["vintage coffee poster", "red bicycle", "summer sale"]  # fail C or A
+    samples = [{"key": f"text{i}", "caption": c, "image": text_image(c, seed=i)}
+               for i, c in enumerate(passing)]
+    samples += [{"key": f"plain{i}", "caption": c, "image": text_image("", seed=10 + i)}
+                for i, c in enumerate(passing[:2])]
+    samples += [{"key": f"fail{i}", "caption": c, "image": text_image(c, seed=20 + i)}
+                for i, c in enumerate(failing)]
+    write_wds_shard(inp, "00000", samples)
+
+    cascade = curate(make_cfg(inp, tmp_path / "a", "report=true", ocr=True), log=lambda *_: None)
+    stats, _ = assert_accounting(inp, tmp_path / "a")
+    full = curate(make_cfg(inp, tmp_path / "b", "filters.text_spotting.evaluate_all=true", ocr=True),
+                  log=lambda *_: None)
+    stats_all, _ = assert_accounting(inp, tmp_path / "b")
+    by_key = stats.set_index("key")
+    assert set(by_key.index[by_key.drop_reason == "text_spotting"]) == {"text0", "text1", "text2"}
+    assert set(by_key.index[by_key.status == "kept"]) == {"plain0", "plain1"}
+    assert (by_key.loc[["fail0", "fail1", "fail2"], "text_spotting_status"] == "not_evaluated").all()
+    assert cascade["funnel"]["text_spotting_evaluated"] == 5 and full["funnel"]["text_spotting_evaluated"] == 8
+    all_key = stats_all.set_index("key")
+    assert (all_key.loc[["fail0", "fail1", "fail2"], "text_overlap"] >= 0.5).all()
+    # evaluating everything changes no decision: C and A still come first
+    pd.testing.assert_series_equal(by_key.sort_index().drop_reason, all_key.sort_index().drop_reason)
+    assert (tmp_path / "a" / "report.html").exists() and not (tmp_path / "b" / "report.html").exists()

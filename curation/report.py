@@ -1,0 +1,229 @@
+"""A self-contained HTML report of a curation output: ``OUTPUT/report.html``.
+
+It shows the funnel, histograms of complexity, actions and text overlap, a table of drop
+reasons and errors, and thumbnails of example kept and dropped pairs per reason with their
+captions and recognised text. Charts are inline SVG and thumbnails are ``data:`` URIs, so the
+file needs nothing else (no scripts, no network). The thumbnails are read back from the input
+shards named in ``summary.json``; when the input is gone the examples are listed without images.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections import defaultdict
+from typing import Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation.images import BadImage, decode_rgb
+from curation.ingest import DROPPED, ERROR, KEPT, IngestOptions, discover_shards, read_shard
+from curation.output import FILTERS, OutputFolder
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
+h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse}td,th{padding:3px 10px;text-align:left;border-bottom:1px solid #eee}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+.bar{background:#4c78a8;height:14px}
+.charts{display:flex;flex-wrap:wrap;gap:24px}
+.ex{display:flex;flex-wrap:wrap;gap:12px}
+.card{width:190px;font-size:12px;border:1px solid #ddd;padding:6px;border-radius:4px}
+.card img{max-width:178px;max-height:178px;display:block;margin-bottom:4px}
+.ocr{color:#a33;white-space:pre-wrap}.meta{color:#666}
+"""
+
+
+# --- pure helpers ---------------------------------------------------------------------------------
+
+def int_histogram(values: Sequence[int | None], cap: int) -> tuple[list[str], list[int]]:
+    """Counts of 0..cap-1 and ``cap+`` (nulls ignored)."""
+    counts = [0] * (cap + 1)
+    for v in values:
+        if v is not None:
+            counts[min(int(v), cap)] += 1
+    return [str(i) for i in range(cap)] + [f"{cap}+"], counts
+
+
+def float_histogram(values: Sequence[float | None], bins: int = 10) -> tuple[list[str], list[int]]:
+    """Counts over [0, 1] in ``bins`` equal bins (1.0 falls in the last one)."""
+    counts = [0] * bins
+    for v in values:
+        if v is not None:
+            counts[min(int(float(v) * bins), bins - 1)] += 1
+    return [f"{i / bins:.1f}" for i in range(bins)], counts
+
+
+def svg_bars(title: str, labels: Sequence[str], counts: Sequence[int], width: int = 360,
+             height: int = 180) -> str:
+    """A small vertical bar chart as inline SVG."""
+    n, top = max(1, len(counts)), max(counts) if counts and max(counts) else 1
+    pad_l, pad_b, pad_t = 30, 22, 22
+    bw = (width - pad_l) / n
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'role="img" aria-label="{html.escape(title)}">',
+             f'<text x="{width / 2}" y="14" text-anchor="middle" font-size="13">{html.escape(title)}</text>',
+             f'<text x="2" y="{pad_t + 8}" font-size="10">{top}</text>']
+    for i, (lab, c) in enumerate(zip(labels, counts)):
+        h = (height - pad_b - pad_t) * c / top
+        x = pad_l + i * bw
+        parts.append(f'<rect x="{x + 1:.1f}" y="{height - pad_b - h:.1f}" width="{bw - 2:.1f}" '
+                     f'height="{h:.1f}" fill="#4c78a8"><title>{html.escape(lab)}: {c}</title></rect>')
+        parts.append(f'<text x="{x + bw / 2:.1f}" y="{height - 8}" text-anchor="middle" '
+                     f'font-size="10">{html.escape(lab)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def thumbnail_uri(image: bytes, side: int = 176) -> str | None:
+    """A small JPEG of the image as a ``data:`` URI (None when it cannot be decoded)."""
+    try:
+        img = decode_rgb(image, max_side=side)
+    except BadImage:
+        return None
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def pick_examples(stats: pa.Table, per_group: int) -> dict[str, list[dict]]:
+    """Up to ``per_group`` rows (first by key) for: kept, each drop reason, errors."""
+    groups = {"kept": pc.equal(stats["status"], KEPT)}
+    for f in FILTERS:
+        groups[f"dropped: {f}"] = pc.and_(pc.equal(stats["status"], DROPPED),
+                                          pc.equal(stats["drop_reason"], f))
+    groups["error"] = pc.equal(stats["status"], ERROR)
+    out = {}
+    for name, mask in groups.items():
+        rows = stats.filter(pc.fill_null(mask, False))
+        if rows.num_rows:
+            rows = rows.sort_by("key").slice(0, per_group)
+            out[name] = rows.to_pylist()
+    return out
+
+
+def load_images(input_url: str | None, wanted: dict[str, set[str]]) -> dict[tuple[str, str], bytes]:
+    """(shard, key) -> image bytes for the wanted keys per shard, read from the input shards."""
+    if not input_url or not wanted:
+        return {}
+    try:
+        shards = {s.name: s for s in discover_shards(input_url)}
+    except Exception:
+        return {}
+    found = {}
+    opts = IngestOptions(decode_images=False)
+    for name, keys in wanted.items():
+        if name not in shards:
+            continue
+        for table in read_shard(shards[name], opts):
+            for key, image in zip(table["key"].to_pylist(), table["image"].to_pylist()):
+                if key in keys and image is not None:
+                    found[(name, key)] = image
+    return found
+
+
+# --- the page -----------------------------------------------------------------------------------
+
+def _funnel_table(f: dict) -> str:
+    rows = [("input samples", f["input"]), ("not downloaded", f["not_downloaded"]),
+            ("errors", f["errors"]), ("evaluated", f["evaluated"]),
+            ("passed complexity", f["passed_complexity"]), ("passed action", f["passed_action"]),
+            ("passed text spotting", f["passed_text_spotting"]), ("kept", f["kept"])]
+    top = max(1, f["input"])
+    out = ["<table><tr><th>stage</th><th>samples</th><th>% of input</th><th></th></tr>"]
+    for name, n in rows:
+        out.append(f'<tr><td>{name}</td><td class="n">{n}</td><td class="n">{100 * n / top:.1f}</td>'
+                   f'<td><div class="bar" style="width:{300 * n / top:.0f}px"></div></td></tr>')
+    out.append("</table>")
+    if "text_spotting_evaluated" in f:
+        out.append(f'<p class="meta">OCR ran on {f["text_spotting_evaluated"]} samples.</p>')
+    return "".join(out)
+
+
+def _reasons_table(stats: pa.Table) -> str:
+    counts = defaultdict(int)
+    for status, reason, err in zip(stats["status"].to_pylist(), stats["drop_reason"].to_pylist(),
+                                   stats["error"].to_pylist()):
+        if status == DROPPED:
+            counts[("dropped", reason)] += 1
+        elif status == ERROR:
+            counts[("error", (err or "").split(":")[0][:80])] += 1
+    total = max(1, stats.num_rows)
+    out = ["<table><tr><th>status</th><th>reason</th><th>samples</th><th>% of input</th></tr>"]
+    for (status, reason), n in sorted(counts.items(), key=lambda kv: (kv[0][0], -kv[1])):
+        out.append(f"<tr><td>{status}</td><td>{html.escape(str(reason))}</td>"
+                   f'<td class="n">{n}</td><td class="n">{100 * n / total:.1f}</td></tr>')
+    return "".join(out) + "</table>"
+
+
+def _card(row: dict, uri: str | None) -> str:
+    img = f'<img src="{uri}" alt="{html.escape(row["key"] or "")}">' if uri else "<p class=meta>(no image)</p>"
+    scores = []
+    if row.get("complexity") is not None:
+        scores.append(f"C={row['complexity']} A={row['num_actions']}")
+    if row.get("text_overlap") is not None:
+        scores.append(f"T overlap={row['text_overlap']:.2f}")
+    elif row.get("text_spotting_status"):
+        scores.append(f"T {row['text_spotting_status'].replace('_', ' ')}")
+    ocr = row.get("ocr_text")
+    parts = [img, f"<div>{html.escape(row.get('caption') or '')}</div>",
+             f'<div class="meta">{html.escape(row["key"] or "")} {html.escape(" ".join(scores))}</div>']
+    if ocr:
+        parts.append(f'<div class="ocr">OCR: {html.escape(ocr.replace(chr(10), " | "))}</div>')
+    if row.get("error"):
+        parts.append(f'<div class="ocr">{html.escape(row["error"][:160])}</div>')
+    return f'<div class="card">{"".join(parts)}</div>'
+
+
+def build_report(stats: pa.Table, summary: dict, examples: int = 6) -> str:
+    """The report's HTML for a stats table and the run's summary."""
+    from curation.output import funnel
+
+    f = funnel(stats)
+    ev = stats.filter(pc.is_in(stats["status"], pa.array([KEPT, DROPPED])))
+    charts = [svg_bars("caption complexity (evaluated)", *int_histogram(ev["complexity"].to_pylist(), 6)),
+              svg_bars("actions per caption (evaluated)", *int_histogram(ev["num_actions"].to_pylist(), 5)),
+              svg_bars("text overlap (OCR'd samples)", *float_histogram(ev["text_overlap"].to_pylist()))]
+    picked = pick_examples(stats, examples)
+    wanted = defaultdict(set)
+    for rows in picked.values():
+        for r in rows:
+            wanted[r["shard"]].add(r["key"])
+    images = load_images(summary.get("input"), wanted)
+    sections = []
+    for name, rows in picked.items():
+        cards = "".join(_card(r, thumbnail_uri(images[(r["shard"], r["key"])])
+                              if (r["shard"], r["key"]) in images else None) for r in rows)
+        sections.append(f"<h3>{html.escape(name)}</h3><div class=ex>{cards}</div>")
+    ts = (summary.get("config") or {}).get("filters", {}).get("text_spotting", {})
+    settings = html.escape(json.dumps((summary.get("config") or {}).get("filters", {}), sort_keys=True))
+    title = f"CAT filter report: {html.escape(str(summary.get('output', '')))}"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{CSS}</style></head>
+<body><h1>{title}</h1>
+<p class="meta">input {html.escape(str(summary.get('input', '')))} &middot; {stats.num_rows} samples &middot;
+elapsed {summary.get('elapsed_s', '?')} s &middot; text spotting
+{'on' if ts.get('enabled') else 'off'}{' (every sample)' if ts.get('evaluate_all') else ''}</p>
+<h2>Funnel</h2>{_funnel_table(f)}
+<h2>Distributions</h2><div class="charts">{''.join(charts)}</div>
+<h2>Drop reasons and errors</h2>{_reasons_table(stats)}
+<h2>Examples</h2>{''.join(sections)}
+<h2>Filter settings</h2><pre style="white-space:pre-wrap;font-size:11px">{settings}</pre>
+</body></html>
+"""
+
+
+def write_report(output_url: str, examples: int = 6) -> str:
+    """Build ``OUTPUT/report.html`` from the committed stats and ``summary.json``; returns its path."""
+    out = OutputFolder(output_url)
+    summary = {}
+    if out.fs.exists(out.path("summary.json")):
+        with out.fs.open(out.path("summary.json"), "r") as fh:
+            summary = json.load(fh)
+    page = build_report(out.read_stats(), summary, examples)
+    out.fs.makedirs(out.path("_tmp"), exist_ok=True)
+    out._commit(page.encode("utf-8"), out.tmp_path("report.html"), out.path("report.html"))
+    return out.path("report.html")

@@ -1,0 +1,189 @@
+"""Text spotting: the overlap measure, safe decoding, the cascade rows, the labelled set with EasyOCR."""
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from curation import textspot_data
+from curation.images import BadImage, decode_rgb
+from curation.ingest import ERROR, PENDING, ROW_SCHEMA, make_row
+from curation.ocr import TextSpotter, TextSpottingConfig
+from curation.output import EVALUATED, NOT_EVALUATED, OFF, decide
+from curation.pipeline import add_text_spotting, needs_text_spotting
+from curation.text_overlap import (TextOverlapConfig, content_word_overlap, content_words,
+                                   fondant_overlap, within_edits)
+
+from helpers import png_claiming
+
+
+# --- overlap measure -----------------------------------------------------------------------------
+
+def test_content_words_ignore_case_punctuation_and_stop_words():
+    assert content_words("A Dog's  red BALL, on the beach!") == ["dogs", "red", "ball", "beach"]
+    assert content_words("the of and") == []
+
+
+@pytest.mark.parametrize("ocr, caption, expected", [
+    (["RED BALL", "ON THE BEACH"], "a red ball on the beach", 1.0),      # case, stop words
+    (["red-ball;", "beach."], "A red ball on the beach", 1.0),           # punctuation
+    (["Vlntage", "Coffee Shop"], "vintage coffee shop poster", 0.75),    # one misread character
+    (["COFFEESHOP"], "coffee shop", 0.5),                                # run together (5+ chars)
+    (["car"], "a cat", 0.0),                                             # short words stay exact
+    (["SALE 50% OFF"], "a dog running on the beach", 0.0),
+    ([], "a dog running", 0.0),
+    (["dog"], "", 0.0),
+])
+def test_content_word_overlap(ocr, caption, expected):
+    assert content_word_overlap(ocr, caption) == pytest.approx(expected)
+
+
+def test_edit_distance_bound():
+    assert within_edits("poster", "p0ster", 1) and within_edits("mountain", "mountian", 2)
+    assert not within_edits("poster", "roasted", 1) and not within_edits("abc", "abcdef", 2)
+
+
+def test_fondant_rule_and_thresholds():
+    assert fondant_overlap(["BEACH"], "a dog on the beach") == 1.0
+    assert fondant_overlap(["STOP"], "a dog on the beach") == 0.0
+    fondant = TextOverlapConfig("fondant")
+    assert not fondant.passes(1.0) and fondant.passes(0.0)
+    cw = TextOverlapConfig("content_words", 0.5)
+    assert cw.passes(0.49) and not cw.passes(0.5)
+    with pytest.raises(ValueError, match="measure"):
+        TextOverlapConfig("bogus")
+    with pytest.raises(ValueError, match="threshold"):
+        TextOverlapConfig("content_words", 1.5)
+
+
+# --- decoding for OCR ------------------------------------------------------------------------------
+
+def _encode(img, fmt):
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_decode_rgb_converts_modes_and_downscales():
+    rgba = Image.new("RGBA", (800, 400), (0, 0, 0, 0))  # fully transparent: flattened on white
+    img = decode_rgb(_encode(rgba, "PNG"), max_side=200)
+    assert img.mode == "RGB" and img.size == (200, 100) and img.getpixel((5, 5)) == (255, 255, 255)
+    gray = decode_rgb(_encode(Image.new("L", (50, 40), 7), "PNG"), max_side=200)
+    assert gray.mode == "RGB" and gray.size == (50, 40)
+    with pytest.raises(BadImage, match="too large"):
+        decode_rgb(png_claiming(50_000, 50_000))
+    with pytest.raises(BadImage):
+        decode_rgb(b"not an image at all")
+
+
+# --- the cascade on Arrow rows (a recording backend: what the stage asks OCR to read) ---------
+
+class RecordingBackend:
+    name = "recording"
+
+    def __init__(self, answer):
+        self.answer, self.seen = answer, 0
+
+    def read(self, images):
+        self.seen += len(images)
+        return [[(self.answer, 0.9), ("noise", 0.05)] for _ in images]
+
+
+def _rows(image):
+    rows = [make_row("a", "00000", caption="red ball on the beach", image=image),
+            make_row("b", "00000", caption="red ball on the beach", image=image),
+            make_row("c", "00000", caption="a dog", image=image),
+            make_row("d", "00000", caption="broken", image=b"garbage bytes"),
+            make_row("e", "00000", caption="x", status=ERROR, error="empty image")]
+    t = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+    t = t.append_column("passed_complexity", pa.array([True, False, True, True, None]))
+    return t.append_column("passed_action", pa.array([True, True, True, True, None]))
+
+
+@pytest.mark.parametrize("evaluate_all", [False, True])
+def test_cascade_rows(evaluate_all):
+    image = _encode(Image.new("RGB", (64, 48), "white"), "JPEG")
+    batch = _rows(image)
+    assert needs_text_spotting(batch, evaluate_all) == ([0, 1, 2, 3] if evaluate_all else [0, 2, 3])
+    backend = RecordingBackend("RED BALL BEACH")
+    spotter = TextSpotter(TextSpottingConfig(evaluate_all=evaluate_all), backend)
+    out = add_text_spotting(batch, spotter)
+    assert "image" not in out.column_names and out.num_rows == 5
+    assert backend.seen == (3 if evaluate_all else 2)  # the broken image never reaches OCR
+    stats = {r["key"]: r for r in decide(out).to_pylist()}
+    a, b, c, d, e = (stats[k] for k in "abcde")
+    assert a["text_spotting_status"] == EVALUATED and a["ocr_text"] == "RED BALL BEACH"
+    assert a["ocr_boxes"] == 1 and a["text_overlap"] == 1.0 and a["passed_text_spotting"] is False
+    assert a["status"] == "dropped" and a["drop_reason"] == "text_spotting"
+    assert c["text_overlap"] == 0.0 and c["passed_text_spotting"] is True and c["status"] == "kept"
+    if evaluate_all:
+        assert b["text_spotting_status"] == EVALUATED and b["passed_text_spotting"] is False
+    else:
+        assert b["text_spotting_status"] == NOT_EVALUATED and b["text_overlap"] is None
+    assert b["status"] == "dropped" and b["drop_reason"] == "complexity"  # C comes first
+    assert d["status"] == ERROR and "not a recognised image" in d["error"]
+    assert d["text_spotting_status"] is None and e["text_spotting_status"] is None
+
+
+class FailingBackend:
+    name = "failing"
+
+    def read(self, images):
+        if any(a.shape[0] < 20 for a in images):
+            raise RuntimeError("image too small for the detector")
+        return [[("HELLO", 0.99)] for _ in images]
+
+
+def test_an_ocr_failure_is_a_per_sample_error():
+    ok, tiny = (_encode(Image.new("RGB", size, "white"), "PNG") for size in ((64, 48), (64, 8)))
+    res = TextSpotter(TextSpottingConfig(), FailingBackend()).spot([ok, tiny], ["hello world", "x"])
+    assert res[0].ocr_text == "HELLO" and res[0].text_overlap == 0.5 and res[0].error is None
+    assert res[1].error == "OCR failed: RuntimeError: image too small for the detector"
+
+
+def test_rows_without_text_stage_are_marked_off():
+    t = pa.Table.from_pylist([make_row("a", "00000", caption="c", status=PENDING)], schema=ROW_SCHEMA)
+    assert decide(t.drop_columns(["image", "shard_rows"]))["text_spotting_status"].to_pylist() == [OFF]
+
+
+# --- the generated labelled set ----------------------------------------------------------------
+
+def test_labelled_set_is_deterministic_and_balanced():
+    a, b = textspot_data.generate(10, seed=3), textspot_data.generate(10, seed=3)
+    assert [p.image for p in a] == [p.image for p in b]
+    assert [p.image for p in a] != [p.image for p in textspot_data.generate(10, seed=4)]
+    assert {p.kind for p in a} == set(textspot_data.KINDS)
+    for p in a:
+        assert p.must_drop == (p.kind in ("full", "partial"))
+        assert Image.open(io.BytesIO(p.image)).size == (384, 288)
+        shown = set(content_words(p.shown_text))
+        cap = set(content_words(p.caption))
+        if p.kind == "unrelated":
+            assert not shown & cap
+        if p.kind == "partial":
+            assert len(shown & cap) >= 0.6 * len(cap)
+        if p.kind == "one_word":
+            assert len(shown) == 1 and len(cap) >= 5
+
+
+def test_labelled_set_precision_recall_with_easyocr():
+    """EasyOCR (offline weights) + the default measure and threshold on 150 generated pairs."""
+    from curation.ocr import EasyOCRBackend, set_torch_threads
+
+    set_torch_threads(2)
+    from curation.config import CONFIG_DIR, build_config
+
+    defaults = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml")
+    cfg = TextSpottingConfig.from_config(defaults["filters"]["text_spotting"])
+    pairs = textspot_data.generate(150, seed=0, size=(320, 240))
+    spotter = TextSpotter(cfg, EasyOCRBackend())
+    results = spotter.spot([p.image for p in pairs], [p.caption for p in pairs])
+    dropped = np.array([r.passed is False for r in results])
+    truth = np.array([p.must_drop for p in pairs])
+    tp = int((dropped & truth).sum())
+    precision, recall = tp / max(1, dropped.sum()), tp / truth.sum()
+    misses = [(p.kind, p.caption, r.ocr_text, r.text_overlap) for p, r, d in zip(pairs, results, dropped)
+              if d != p.must_drop]
+    assert precision >= 0.9 and recall >= 0.9, (precision, recall, misses)
