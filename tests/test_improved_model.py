@@ -239,3 +239,36 @@ def test_deepcopy_keeps_hooks_on_the_copy(clip):
         assert torch.equal(target.text_tower(b["text"], strong=True),
                            target.text_tower(b["text"], strong=True))
         assert not torch.equal(model.image_tower(b["image"]), model.image_tower(b["image"]))
+
+
+def test_pooled_features_for_the_ssl_companions(clip):
+    """``text_pooled`` / ``*_strong_pooled`` are the tower outputs the projectors were applied to."""
+    model = ImprovedCLIP(clip, SMALL).eval()
+    b = _batch(2)
+    with torch.no_grad():
+        out = model(b)
+        assert torch.allclose(out["text_pooled"], model.text_tower(b["text"]), atol=1e-5)
+        assert torch.allclose(out["text"], F.normalize(model.text_proj(out["text_pooled"]), dim=-1), atol=1e-6)
+        assert len(out["image_strong_pooled"]) == len(out["text_strong_pooled"]) == 2
+        for v in range(2):
+            img = out["image_strong_pooled"][v]
+            assert torch.allclose(img, model.image_tower(b["image_strong"][:, v]), atol=1e-5)
+            assert torch.allclose(out["image_strong"][v],
+                                  F.normalize(model.image_proj_strong(img), dim=-1), atol=1e-5)
+            txt = out["text_strong_pooled"][v]
+            assert txt.shape == (B, 24)
+            assert torch.allclose(out["text_strong"][v],
+                                  F.normalize(model.text_proj_strong(txt), dim=-1), atol=1e-5)
+
+
+def test_sync_batchnorm_only_with_a_multi_rank_group(clip):
+    from training.improved_model import should_sync_batchnorm, to_sync_batchnorm
+
+    model = ImprovedCLIP(clip, SMALL)
+    # no process group: every mode leaves the BatchNorms alone
+    for mode in ("auto", True, False):
+        assert should_sync_batchnorm(mode) is False
+        assert to_sync_batchnorm(model, mode) is model
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    with pytest.raises(ValueError, match="sync_bn"):
+        should_sync_batchnorm("sometimes")

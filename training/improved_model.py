@@ -23,9 +23,16 @@ custom configs); a tower without ``resblocks`` (ResNet, timm, HF) accepts only 0
 
 ``forward(images_weak, texts_weak, images_strong=None, texts_strong=None)`` (or ``forward(batch)``
 with a batch dict of the data contract) returns ``image``, ``text`` (normalised weak features),
-``logit_scale``, ``image_pooled`` (the image tower's output before any projector/normalisation)
-and, with strong views, ``image_strong`` / ``text_strong`` (lists of normalised [B, proj_dim]) and
-``logit_scale_strong``.
+``logit_scale``, ``logit_scale_strong``, ``image_pooled`` / ``text_pooled`` (the towers' outputs
+for the weak pair, before any projector or normalisation) and, with strong views,
+``image_strong`` / ``text_strong`` (lists of normalised [B, proj_dim], one per view) and
+``image_strong_pooled`` / ``text_strong_pooled`` (lists of the towers' outputs per strong view,
+before the strong projector). The ``*_pooled`` keys are what the SSL companions of
+:mod:`training.losses.ssl` read.
+
+With several workers on GPUs, :func:`to_sync_batchnorm` converts the BatchNorms of the strong
+projectors (and of any SSL projector) to ``nn.SyncBatchNorm``, as the official code does; the
+improved recipe does this in ``build_model`` / ``build_loss`` (``model.sync_bn``).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["IMPROVED_DEFAULTS", "ImprovedCLIP", "ImprovedEmbedder", "StrongProjector",
-           "create_improved_clip", "find_resblocks"]
+           "create_improved_clip", "find_resblocks", "should_sync_batchnorm", "to_sync_batchnorm"]
 
 IMPROVED_DEFAULTS = {
     "proj_dim": 256,
@@ -252,8 +259,9 @@ class ImprovedCLIP(nn.Module):
         x = self.text_proj(self.text_tower(texts))
         return F.normalize(x, dim=-1) if normalize else x
 
-    def _strong(self, pooled: torch.Tensor, n: int, projector: nn.Module) -> list[torch.Tensor]:
-        return [F.normalize(projector(chunk), dim=-1) for chunk in pooled.chunk(n, dim=0)]
+    def _strong(self, chunks: Sequence[torch.Tensor], projector: nn.Module) -> list[torch.Tensor]:
+        """Per strong view (so BatchNorm statistics are per view): project and normalise."""
+        return [F.normalize(projector(chunk), dim=-1) for chunk in chunks]
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, images_weak, texts_weak=None, images_strong=None, texts_strong=None) -> dict:
@@ -264,20 +272,25 @@ class ImprovedCLIP(nn.Module):
         if texts_weak is None:
             raise ValueError("forward needs the weak texts")
         pooled = self.image_tower(images_weak)
+        text_pooled = self.text_tower(texts_weak)
         out = {
             "image": F.normalize(self.image_proj(pooled), dim=-1),
-            "text": F.normalize(self.text_proj(self.text_tower(texts_weak)), dim=-1),
+            "text": F.normalize(self.text_proj(text_pooled), dim=-1),
             "logit_scale": self.logit_scale(),
             "logit_scale_strong": self.logit_scale_strong(),
             "image_pooled": pooled,
+            "text_pooled": text_pooled,
         }
         if images_strong is not None:
             views, n = _stack_views(images_strong, "images_strong")
-            out["image_strong"] = self._strong(self.image_tower(views), n, self.image_proj_strong)
+            chunks = list(self.image_tower(views).chunk(n, dim=0))
+            out["image_strong_pooled"] = chunks
+            out["image_strong"] = self._strong(chunks, self.image_proj_strong)
         if texts_strong is not None:
             views, n = _stack_views(texts_strong, "texts_strong")
-            out["text_strong"] = self._strong(self.text_tower(views, strong=True), n,
-                                              self.text_proj_strong)
+            chunks = list(self.text_tower(views, strong=True).chunk(n, dim=0))
+            out["text_strong_pooled"] = chunks
+            out["text_strong"] = self._strong(chunks, self.text_proj_strong)
         return out
 
 
@@ -349,3 +362,28 @@ def create_improved_clip(arch: str, cfg: Mapping | None = None, init_checkpoint:
                                            std=pp["std"], interpolation=pp.get("interpolation"),
                                            resize_mode=pp.get("resize_mode"))
     return ImprovedCLIP(clip, cfg, arch=arch), preprocess, open_clip.get_tokenizer(arch)
+
+
+def should_sync_batchnorm(mode="auto") -> bool:
+    """Whether to convert BatchNorms to ``nn.SyncBatchNorm`` (``model.sync_bn``).
+
+    ``auto``: when a process group with more than one rank is initialised and its backend is
+    NCCL (SyncBatchNorm needs GPU tensors; on CPU/gloo workers each rank keeps local statistics);
+    ``true``: whenever there is more than one rank (fails on CPU); ``false``: never.
+    """
+    import torch.distributed as dist
+
+    if mode in (False, "false", None):
+        return False
+    if mode not in (True, "true", "auto"):
+        raise ValueError(f"model.sync_bn must be auto, true or false, got {mode!r}")
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return mode in (True, "true") or dist.get_backend() == "nccl"
+
+
+def to_sync_batchnorm(module: nn.Module, mode="auto") -> nn.Module:
+    """``module`` with its BatchNorms converted to SyncBatchNorm when :func:`should_sync_batchnorm`."""
+    if should_sync_batchnorm(mode):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return module
