@@ -111,6 +111,10 @@ def headline(results: dict) -> dict:
 
 
 def logit_scale_metric(model: nn.Module) -> dict:
+    scale = getattr(model, "logit_scale", None)
+    if callable(scale) and not isinstance(scale, torch.Tensor):  # the wrapper's own (exp'd, clamped) scale
+        with torch.no_grad():
+            return {"train/logit_scale": float(scale().detach().float())}
     scale = getattr(getattr(model, "clip", model), "logit_scale", None)
     if isinstance(scale, torch.Tensor):
         return {"train/logit_scale": float(scale.detach().float().exp())}
@@ -240,6 +244,9 @@ def train_loop_per_worker(config: dict) -> None:
             scheduler.step()
             if hasattr(module.model, "clamp_logit_scale"):
                 module.model.clamp_logit_scale()
+            loss_module = getattr(module, "loss", None)  # per-step updates, e.g. EMA targets (BYOLIP)
+            if hasattr(loss_module, "after_step"):
+                loss_module.after_step()
             step += 1
             epoch_step += 1
             done_this_epoch += 1
