@@ -93,17 +93,49 @@ def plan_batches(num_samples: int, global_batch: int, num_workers: int, accum_st
             "total_steps": total}
 
 
+def demo_curation_overrides(cfg: dict) -> list[str]:
+    """Curation overrides that make the training demo: ``output`` = ``data.demo_output``, and
+    ``demo.num_samples`` / ``demo.num_shards`` from ``data.demo_samples`` / ``data.demo_shards``
+    (null: the curation defaults). A demo of another size is generated next to the curated
+    output (``<demo_output>_input``) so it never overwrites ``make demo``'s input."""
+    data = cfg["data"]
+    out = data["demo_output"]
+    overrides = [f"output={out}", "progress=false"]
+    sized = False
+    for key, name in (("demo_samples", "num_samples"), ("demo_shards", "num_shards")):
+        value = data.get(key)
+        if value is not None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise TrainError(f"data.{key} must be a positive integer or null, got {value!r}")
+            overrides.append(f"demo.{name}={value}")
+            sized = True
+    if sized:
+        overrides.append(f"demo.output={str(out).rstrip('/')}_input")
+    return overrides
+
+
 def ensure_demo_data(cfg: dict, log=print) -> str:
-    """The demo curation output (``data.demo_output``), curated with the default config if missing."""
+    """The demo curation output (``data.demo_output``), curated when missing from a generated demo
+    of ``data.demo_samples`` pairs (see :func:`demo_curation_overrides`)."""
     out = cfg["data"]["demo_output"]
+    want = cfg["data"].get("demo_samples")
     if (Path(out) / "shards" / "sizes.json").exists():
+        summary = Path(out) / "summary.json"
+        try:
+            have = json.loads(summary.read_text())["config"]["demo"]["num_samples"]
+        except (OSError, ValueError, KeyError, TypeError):
+            have = None
+        if want is not None and have is not None and have != want:
+            log(f"note: {out} was curated from a {have}-pair demo, not data.demo_samples={want}; "
+                f"delete it (or set data.demo_output) to curate the larger demo")
         return out
     from curation.config import build_config
     from curation.pipeline import curate
 
-    log(f"no data.train given and no demo curation output at {out}: curating the demo dataset")
-    ccfg = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml",
-                        overrides=[f"output={out}", "progress=false"])
+    overrides = demo_curation_overrides(cfg)
+    log(f"no data.train given and no demo curation output at {out}: curating the demo dataset "
+        f"({' '.join(overrides[2:]) or 'curation defaults'})")
+    ccfg = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml", overrides=overrides)
     curate(ccfg, log=log)
     return out
 
