@@ -336,8 +336,10 @@ class MemorySampler(threading.Thread):
 
 def run_curate(input_dir: Path, output_dir: Path, log_file: Path, extra: list[str]) -> dict:
     """The whole job in a fresh subprocess, with its memory sampled."""
+    # This benchmark is about the C+A stage: text spotting off, the caption pool on both CPUs.
     overrides = [f"input={input_dir}", f"output={output_dir}", "progress=false", "ray.address=local",
-                 *extra]
+                 "filters.text_spotting.enabled=false", "stages.caption.actors=2",
+                 "stages.caption.num_cpus=1", *extra]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never attach elsewhere
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     t = time.perf_counter()
