@@ -1,61 +1,24 @@
-"""The evaluation embedder interface over a trained model (what training/evaluate.py consumes).
+"""The evaluation embedder for the trainer's models (what training/evaluate.py consumes).
 
-``encode_image(images)`` / ``encode_text(tokens)`` return ``{name: normalised features}``;
-plain CLIP has one name, ``"clip"``. ``preprocess`` is open_clip's val transform and
-``tokenizer`` open_clip's tokenizer for the architecture.
+``encode_image(images)`` / ``encode_text(tokens)`` return ``{"clip": normalised features}``;
+``preprocess`` is open_clip's val transform and ``tokenizer`` open_clip's tokenizer for the
+architecture. The encoding itself is :class:`training.evaluate.OpenClipEmbedder`'s.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
+from training.evaluate import OpenClipEmbedder
 
-class ClipEmbedder:
-    name = "clip"
+
+class ClipEmbedder(OpenClipEmbedder):
+    """:class:`OpenClipEmbedder` for a trained model given by architecture name (DDP unwrapped)."""
 
     def __init__(self, model: nn.Module, arch: str, device="cpu"):
         from training.checkpoint import unwrap
         from training.model import image_transform, tokenizer
 
-        self.model = unwrap(model)
+        super().__init__(unwrap(model), image_transform(arch, is_train=False), tokenizer(arch),
+                         name="clip", device=device)
         self.arch = arch
-        self.device = torch.device(device)
-        self.preprocess = image_transform(arch, is_train=False)
-        self.tokenizer = tokenizer(arch)
-
-    def _encoder(self):
-        # the trainer's wrapper (ClipModel) or a bare open_clip model
-        return self.model
-
-    @torch.no_grad()
-    def encode_image(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            feats = self._encoder().encode_image(images.to(self.device), normalize=True)
-        finally:
-            self.model.train(was_training)
-        return {self.name: feats.float()}
-
-    @torch.no_grad()
-    def encode_text(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            feats = self._encoder().encode_text(tokens.to(self.device), normalize=True)
-        finally:
-            self.model.train(was_training)
-        return {self.name: feats.float()}
-
-
-def embedder_from_checkpoint(path, arch: str | None = None, device="cpu") -> ClipEmbedder:
-    """Plain-CLIP embedder from an ``open_clip.pt`` (or a checkpoint directory)."""
-    from training.checkpoint import load_open_clip, open_clip_file
-
-    model, _, _ = load_open_clip(path, arch=arch, device=device)
-    if arch is None:
-        import torch as _t
-
-        arch = _t.load(open_clip_file(path), map_location="cpu", weights_only=True)["name"]
-    return ClipEmbedder(model, arch, device=device)

@@ -36,24 +36,32 @@ from training.eval_data import EvalDataset, load_eval_dataset
 
 
 class OpenClipEmbedder:
-    """The embedder interface around a plain open_clip model: one embedding named ``name``."""
+    """The embedder interface around a plain open_clip model (or the trainer's wrapper): one
+    embedding named ``name``. Encodes in eval mode and restores the model's mode afterwards, so
+    it can evaluate a model in the middle of training."""
 
     def __init__(self, model, preprocess, tokenizer, name: str = "clip", device=None):
-        self.model = model.eval()
+        self.model = model
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.name = name
         self.device = torch.device(device) if device else next(model.parameters()).device
 
     @torch.no_grad()
-    def encode_image(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = self.model.encode_image(images.to(self.device))
+    def _encode(self, encode, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            feats = encode(x.to(self.device))
+        finally:
+            self.model.train(was_training)
         return {self.name: F.normalize(feats.float(), dim=-1).cpu()}
 
-    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._encode(self.model.encode_image, images)
+
     def encode_text(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = self.model.encode_text(tokens.to(self.device))
-        return {self.name: F.normalize(feats.float(), dim=-1).cpu()}
+        return self._encode(self.model.encode_text, tokens)
 
 
 # -- metrics (pure) ----------------------------------------------------------------------------
