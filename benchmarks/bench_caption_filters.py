@@ -222,36 +222,46 @@ def consume(ds) -> tuple[float, list[tuple[float, int]], pa.Table]:
     return start, arrivals, pa.concat_tables(batches)
 
 
-def bench_ray_stage(captions: list[str], cfg: dict, actors: int) -> dict:
+def timed_actor_pass(build, warm_input, timed_input, actors: int, num_gpus: int = 0) -> dict:
+    """Run ``build(input)`` (a dataset with one actor-pool stage) on a local Ray of ``actors`` CPUs,
+    once on ``warm_input`` (Ray Data's per-cluster helper actors, _StatsActor and the autoscaling
+    coordinator, start on the first execution and would eat CPU in the timed one), then timed on
+    ``timed_input`` from the moment every actor's constructor has finished (when observable) to
+    the last output batch. Returns the rows (``out``) and the timing."""
     import ray
 
-    blocks = caption_blocks(captions, int(cfg["ingest"]["rows_per_block"]))
     ready: list[float] = []
     observed = record_actor_pool_ready(ready)
-    ray.init(address="local", num_cpus=actors, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=actors, num_gpus=num_gpus or None, include_dashboard=False,
+             log_to_driver=False)
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
-        ctx.wait_for_min_actors_s = 600  # dispatch only once every actor has loaded spaCy
-        # Warm-up pass: Ray Data's per-cluster helper actors (_StatsActor, autoscaling
-        # coordinator) start on the first execution and would eat CPU in the timed one.
+        ctx.wait_for_min_actors_s = 600  # dispatch only once every actor is built
         t = time.perf_counter()
-        consume(caption_stage(blocks[:actors], cfg, actors))
+        consume(build(warm_input))
         warmup_s = time.perf_counter() - t
         ready.clear()
-        start, arrivals, out = consume(caption_stage(blocks, cfg, actors))
+        start, arrivals, out = consume(build(timed_input))
     finally:
         ray.shutdown()
     end = arrivals[-1][0]
     if observed and ready:
-        t0, how = ready[-1], "from the moment all actors had loaded spaCy to the last output batch"
+        t0, how = ready[-1], "from all actors built to the last output batch"
     else:
         t0, how = start, "WHOLE pass, actor start-up INCLUDED (could not observe actor readiness)"
+    return {"seconds": end - t0, "how": how, "startup_s": t0 - start, "pass_s": end - start,
+            "batches": len(arrivals), "warmup_s": warmup_s, "first_batch_s": arrivals[0][0] - t0,
+            "out": out}
+
+
+def bench_ray_stage(captions: list[str], cfg: dict, actors: int) -> dict:
+    blocks = caption_blocks(captions, int(cfg["ingest"]["rows_per_block"]))
+    r = timed_actor_pass(lambda b: caption_stage(b, cfg, actors), blocks[:actors], blocks, actors)
+    out = r.pop("out")
     sums = checksum(*(out[c].to_pylist() for c in
                       ("complexity", "num_actions", "passed_complexity", "passed_action")))
-    return {"rate": len(captions) / (end - t0), "seconds": end - t0, "how": how,
-            "startup_s": t0 - start, "pass_s": end - start, "batches": len(arrivals), "warmup_s": warmup_s,
-            "first_batch_s": arrivals[0][0] - t0, "out_rows": out.num_rows,
+    return {**r, "rate": len(captions) / r["seconds"], "out_rows": out.num_rows,
             "blocks": len(blocks), "checksum": sums}
 
 

@@ -1,6 +1,7 @@
 """Benchmark of the Text-spotting (T) stage: raw EasyOCR vs the Ray Data stage, and the cascade.
 
-    python benchmarks/bench_text_spotting.py [--images 40] [--mix 96] [--cpus 2] [--labelled 0] [--gpu]
+    python benchmarks/bench_text_spotting.py [--images 40] [--mix 200] [--cpus 2] [--labelled 0] [--gpu]
+                                             [key.sub=value ...]   # curation config overrides
 
 Measured in one run, side by side, on images of the generated labelled set
 (:mod:`curation.textspot_data`: caption text, unrelated text or no text over flat, gradient and
@@ -48,7 +49,7 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from bench_caption_filters import consume, record_actor_pool_ready  # noqa: E402
+from bench_caption_filters import timed_actor_pass  # noqa: E402
 from curation import textspot_data  # noqa: E402
 from curation.config import CONFIG_DIR, build_config  # noqa: E402
 from curation.ingest import PENDING, ROW_SCHEMA, make_row  # noqa: E402
@@ -93,7 +94,7 @@ def image_blocks(images: list[bytes], rows: int) -> list[pa.Table]:
 def ocr_stage(blocks, cfg: dict, actors: int, gpu: bool):
     import ray
 
-    from curation.pipeline import TextSpottingStage
+    from curation.pipeline import TextSpottingStage, ocr_rows_per_call
 
     os_ = cfg["stages"]["ocr"]
     return ray.data.from_arrow(blocks).map_batches(
@@ -101,33 +102,19 @@ def ocr_stage(blocks, cfg: dict, actors: int, gpu: bool):
         fn_constructor_kwargs={"ts_cfg": cfg["filters"]["text_spotting"],
                                "max_pixels": cfg["ingest"]["max_image_pixels"], "gpu": gpu,
                                "torch_threads": 1, "ocr_batch_size": os_["ocr_batch_size"]},
-        batch_size=os_["batch_size"], batch_format="pyarrow",
+        batch_size=ocr_rows_per_call({**os_, "num_gpus": 1 if gpu else 0}), batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, num_gpus=1 if gpu else 0)
 
 
 def bench_ray(images: list[bytes], cfg: dict, actors: int, gpu: bool) -> dict:
-    import ray
+    from curation.pipeline import ocr_rows_per_call
 
-    blocks = image_blocks(images, int(cfg["stages"]["ocr"]["batch_size"]))
-    ready: list[float] = []
-    observed = record_actor_pool_ready(ready)
-    ray.init(address="local", num_cpus=actors, include_dashboard=False, log_to_driver=False)
-    try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.wait_for_min_actors_s = 600
-        consume(ocr_stage(image_blocks(images[:actors], 1), cfg, actors, gpu))  # warm-up pass
-        ready.clear()
-        start, arrivals, out = consume(ocr_stage(blocks, cfg, actors, gpu))
-    finally:
-        ray.shutdown()
-    end = arrivals[-1][0]
-    t0, how = ((ready[-1], "from all readers built to the last output batch") if observed and ready
-               else (start, "whole pass, actor start-up INCLUDED"))
-    out = out.sort_by("key")
+    blocks = image_blocks(images, ocr_rows_per_call({**cfg["stages"]["ocr"], "num_gpus": 1 if gpu else 0}))
+    r = timed_actor_pass(lambda b: ocr_stage(b, cfg, actors, gpu), image_blocks(images[:actors], 1),
+                         blocks, actors, num_gpus=actors if gpu else 0)
+    out = r.pop("out").sort_by("key")
     texts = [(s or "").split("\n") if s else [] for s in out["ocr_text"].to_pylist()]
-    return {"rate": len(images) / (end - t0), "seconds": end - t0, "how": how,
-            "startup_s": t0 - start, "texts": texts}
+    return {**r, "rate": len(images) / r["seconds"], "texts": texts}
 
 
 # --- 4. the cascade end to end ------------------------------------------------------------------
@@ -145,7 +132,7 @@ def write_input(folder: Path, pairs, shard_size: int = 32) -> None:
                     tar.addfile(info, io.BytesIO(data))
 
 
-def bench_cascade(n: int, cpus: int, workdir: Path) -> dict:
+def bench_cascade(n: int, cpus: int, workdir: Path, overrides=()) -> dict:
     import ray
 
     from curation.pipeline import curate
@@ -156,8 +143,8 @@ def bench_cascade(n: int, cpus: int, workdir: Path) -> dict:
     results = {}
     try:
         for name, extra in (("cascade", []), ("evaluate_all", ["filters.text_spotting.evaluate_all=true"])):
-            cfg = default_cfg(f"input={workdir / 'in'}", f"output={workdir / name}", "progress=false",
-                              "report=false", *extra)
+            cfg = default_cfg(*overrides, f"input={workdir / 'in'}", f"output={workdir / name}",
+                              "progress=false", "report=false", *extra)
             t = time.perf_counter()
             summary = curate(cfg, log=lambda *_: None)
             dt = time.perf_counter() - t
@@ -189,12 +176,13 @@ def bench_labelled(n: int, cfg: dict, threads: int) -> list[tuple]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=40, help="images for parts 1-3")
-    ap.add_argument("--mix", type=int, default=96, help="pairs for the cascade end-to-end run (0: skip)")
+    ap.add_argument("--mix", type=int, default=200, help="pairs for the cascade end-to-end run (0: skip)")
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--labelled", type=int, default=0, help="labelled pairs for the threshold sweep")
     ap.add_argument("--gpu", action="store_true", help="EasyOCR on the GPU in parts 1-2")
+    ap.add_argument("overrides", nargs="*", help="curation config overrides (key.sub=value)")
     args = ap.parse_args(argv)
-    cfg = default_cfg()
+    cfg = default_cfg(*args.overrides)
 
     images = [p.image for p in textspot_data.generate(args.images, seed=2)]
     print(f"[1] raw EasyOCR readtext loop, 1 process, {args.cpus} torch threads, {len(images)} images "
@@ -213,7 +201,7 @@ def main(argv=None) -> int:
 
     if args.mix:
         with tempfile.TemporaryDirectory() as tmp:
-            res = bench_cascade(args.mix, args.cpus, Path(tmp))
+            res = bench_cascade(args.mix, args.cpus, Path(tmp), args.overrides)
         on, off = res["cascade"], res["evaluate_all"]
         f = on["funnel"]
         print(f"[4] whole job on {args.mix} pairs ({f['evaluated'] - f['passed_action']} fail C or A), "

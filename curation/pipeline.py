@@ -169,6 +169,19 @@ def ocr_actor_count(ocr_stage: dict, caption_reserved: float) -> int:
     return max(1, int((res.get("CPU", 1) - caption_reserved) / float(ocr_stage["num_cpus"]) + 1e-9))
 
 
+CPU_OCR_ROWS, GPU_OCR_ROWS = 4, 64
+
+
+def ocr_rows_per_call(ocr_stage: dict) -> int:
+    """``stages.ocr.batch_size``, or when null: 4 images per call on CPU (EasyOCR reads them one
+    by one there, and small calls let the actors share the tail of a run evenly: with 16 per call,
+    24 images on 2 actors left one actor idle for a third of the run) and 64 on a GPU (batched
+    inference)."""
+    if ocr_stage.get("batch_size"):
+        return int(ocr_stage["batch_size"])
+    return GPU_OCR_ROWS if float(ocr_stage.get("num_gpus") or 0) > 0 else CPU_OCR_ROWS
+
+
 def build_dataset(pending: list[InputShard], cfg: dict):
     import ray
 
@@ -205,7 +218,7 @@ def build_dataset(pending: list[InputShard], cfg: dict):
                                                    "max_pixels": opts.max_image_pixels,
                                                    "gpu": gpus > 0, "torch_threads": threads,
                                                    "ocr_batch_size": os_["ocr_batch_size"]},
-                            batch_size=os_["batch_size"], batch_format="pyarrow",
+                            batch_size=ocr_rows_per_call(os_), batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(
                                 size=ocr_actor_count(os_, reserved)),
                             num_cpus=os_["num_cpus"], num_gpus=gpus)

@@ -12,7 +12,7 @@ from curation.images import BadImage, decode_rgb
 from curation.ingest import ERROR, PENDING, ROW_SCHEMA, make_row
 from curation.ocr import TextSpotter, TextSpottingConfig
 from curation.output import EVALUATED, NOT_EVALUATED, OFF, decide
-from curation.pipeline import add_text_spotting, needs_text_spotting
+from curation.pipeline import add_text_spotting, needs_text_spotting, ocr_rows_per_call
 from curation.text_overlap import (TextOverlapConfig, content_word_overlap, content_words,
                                    fondant_overlap, within_edits)
 
@@ -146,6 +146,15 @@ def test_an_ocr_failure_is_a_per_sample_error():
 def test_rows_without_text_stage_are_marked_off():
     t = pa.Table.from_pylist([make_row("a", "00000", caption="c", status=PENDING)], schema=ROW_SCHEMA)
     assert decide(t.drop_columns(["image", "shard_rows"]))["text_spotting_status"].to_pylist() == [OFF]
+
+
+def test_ocr_rows_per_call_defaults_by_device():
+    from curation.config import CONFIG_DIR, build_config
+
+    ocr = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml", overrides=[])["stages"]["ocr"]
+    assert ocr["batch_size"] is None and ocr_rows_per_call(ocr) == 4       # CPU: even tails
+    assert ocr_rows_per_call({**ocr, "num_gpus": 0.5}) == 64               # GPU: batched inference
+    assert ocr_rows_per_call({**ocr, "batch_size": 8, "num_gpus": 1}) == 8  # explicit wins
 
 
 # --- the generated labelled set ----------------------------------------------------------------
