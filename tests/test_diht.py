@@ -158,6 +158,52 @@ def test_sample_transform_joins_targets_by_key(curated):
             assert (out["obj_ids"][i] == -1).all() and (out["attr_probs"][i] == 0).all()
 
 
+def test_rows_tagged_with_their_tar_read_only_that_shards_labels(curated, monkeypatch):
+    from training import recipe_diht
+
+    folder, samples, labelled = curated
+    monkeypatch.setattr(recipe_diht, "_SHARD_TARGETS", type(recipe_diht._SHARD_TARGETS)())
+    monkeypatch.setattr(recipe_diht, "_TARGETS", {})
+    monkeypatch.setattr(recipe_diht, "SHARD_CACHE", 1)
+    recipe = DiHTRecipe(diht_config(f"data.train={folder}"))
+    transform = recipe.sample_transform(is_train=False)
+    whole = recipe.sample_transform(is_train=False)(raw_batch(samples))  # untagged: whole folder
+    recipe_diht._TARGETS.clear()
+
+    def tagged(picked, shard_of=lambda s: s["shard"]):
+        batch = raw_batch(picked)
+        batch["path"] = np.array([f"{folder}/shards/{shard_of(s)}.tar" for s in picked], dtype=object)
+        return transform(batch)
+
+    first = [s for s in samples if s["shard"] == "00000"][:10]
+    out = tagged(first)
+    assert list(recipe_diht._SHARD_TARGETS) == [(recipe.concepts, "00000")] and not recipe_diht._TARGETS
+    mixed = samples[20:30]  # both shards, in one batch
+    assert {s["shard"] for s in mixed} == {"00000", "00001"}
+    out = tagged(mixed)
+    assert len(recipe_diht._SHARD_TARGETS) == 1  # the cache is bounded
+    rows = [samples.index(s) for s in mixed]
+    for c in ("obj_ids", "obj_probs", "attr_ids", "attr_probs", "has_concepts"):
+        np.testing.assert_array_equal(out[c], whole[c][rows], err_msg=c)
+    assert out["has_concepts"].any()
+    # a tar with no label file: no targets, not an error
+    out = tagged(first, shard_of=lambda s: "00099")
+    assert not out["has_concepts"].any() and (out["obj_ids"] == -1).all()
+
+
+def test_training_reader_tags_rows_with_their_tar(ray_session, curated):
+    from training.data import build_dataset
+
+    def tar_of_each_row(batch: dict) -> dict:  # defined here: Ray workers cannot import tests
+        shards = [C.shard_name(str(p)) for p in batch["path"]]
+        return {"key": batch["__key__"], "shard": np.array(shards, dtype=object)}
+
+    folder, samples, _ = curated
+    ds = build_dataset({"train": str(folder), "map_batch_size": 16, "num_cpus": 0.5}, tar_of_each_row)
+    got = {r["key"]: r["shard"] for r in ds.take_all()}
+    assert got == {s["key"]: s["shard"] for s in samples}
+
+
 def test_missing_concept_labels_are_a_clear_error(tmp_path):
     recipe = DiHTRecipe(diht_config(f"data.train={tmp_path}"))
     with pytest.raises(ConceptError, match="label_concepts"):

@@ -11,8 +11,8 @@
 * :func:`iter_batches` is what each training worker runs on ``ray.train.get_dataset_shard``:
   ``iter_torch_batches`` with equal, full batches (``drop_last``) so every rank steps together.
 
-Every sample keeps its ``key`` through the path (for join-by-key side data such as concept
-targets).
+Every sample keeps its ``key`` through the path, and the reader tags it with its tar (``path``),
+for join-by-key side data stored per shard such as concept targets.
 """
 
 from __future__ import annotations
@@ -243,6 +243,7 @@ def build_dataset(data_cfg: dict, transform: Callable, *, shuffle_files: bool = 
 
     paths, filesystem = resolve_shards(data_cfg["train"])
     ds = ray.data.read_webdataset(paths, filesystem=filesystem, decoder=None,
+                                  include_paths=True,  # ``path``: each row's tar, for per-shard side data
                                   shuffle="files" if shuffle_files else None,
                                   override_num_blocks=data_cfg.get("read_blocks"))
     return ds.map_batches(transform, batch_size=int(data_cfg["map_batch_size"]),

@@ -16,9 +16,12 @@
 * **sample transform** (:class:`ConceptSampleTransform`): the plain CLIP transform plus the
   stored teacher targets, joined **by sample key** with the ``CURATED/concepts`` folder written by
   ``pipelines/label_concepts.py`` (``loss.distill.concepts``; ``null``: ``<data.train>/concepts``).
-  Each Ray Data worker process reads the folder once (:func:`training.concepts.read_concepts`)
-  and keeps a key -> row index; samples whose key has no targets get ``has_concepts = False`` and
-  contribute only the contrastive loss. No teacher runs during training.
+  The label job writes one ``concepts/NNNNN.parquet`` per curated shard ``NNNNN.tar``, and the
+  reader tags every sample with its tar (``read_webdataset(include_paths=True)``), so each Ray
+  Data worker reads only the label files of the shards it is decoding, keeping the last
+  :data:`SHARD_CACHE` of them: its memory does not grow with the dataset. Samples whose key has no
+  targets (or whose shard has no label file) get ``has_concepts = False`` and contribute only the
+  contrastive loss. No teacher runs during training.
 * **model / embedder**: the plain CLIP wrapper and embedder (the heads are training-only).
 """
 
@@ -27,7 +30,8 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-from typing import Callable
+from collections import OrderedDict
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +41,10 @@ from training.data import ClipSampleTransform
 from training.recipes import ClipRecipe, register_recipe
 
 TARGET_COLUMNS = ("obj_ids", "obj_probs", "attr_ids", "attr_probs")
-_TARGETS: dict = {}  # per-process cache: concepts URL -> ConceptTargets
+_TARGETS: dict = {}  # per-process cache: concepts URL -> ConceptTargets of the whole folder
+SHARD_CACHE = 8  # label files (one per curated shard) kept per worker process
+_SHARD_TARGETS: "OrderedDict[tuple[str, str], ConceptTargets]" = OrderedDict()
+_VOCABS: dict = {}
 
 
 class ConceptError(ValueError):
@@ -145,6 +152,51 @@ def load_targets(url: str) -> ConceptTargets:
     return _TARGETS[url]
 
 
+def _shard_file_targets(url: str, shard: str | None) -> ConceptTargets:
+    import fsspec
+    import pyarrow.parquet as pq
+
+    from training.concepts import OUTPUT_SCHEMA
+
+    if url not in _VOCABS:
+        _VOCABS[url] = read_vocab(url)
+    table = OUTPUT_SCHEMA.empty_table()
+    if shard:
+        fs, root = fsspec.core.url_to_fs(url)
+        path = posixpath.join(root, f"{shard}.parquet")
+        if fs.exists(path):
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f).cast(OUTPUT_SCHEMA)
+    return ConceptTargets(table, int(_VOCABS[url].get("top_k") or 1))
+
+
+def load_shard_targets(url: str, shard: str | None) -> ConceptTargets:
+    """Targets of one curated shard (``<url>/<shard>.parquet``), cached per process (the last
+    :data:`SHARD_CACHE` shards). A shard without a label file (or ``None``) has no targets."""
+    cache_key = (url, shard or "")
+    if cache_key in _SHARD_TARGETS:
+        _SHARD_TARGETS.move_to_end(cache_key)
+    else:
+        _SHARD_TARGETS[cache_key] = _shard_file_targets(url, shard)
+        while len(_SHARD_TARGETS) > SHARD_CACHE:
+            _SHARD_TARGETS.popitem(last=False)
+    return _SHARD_TARGETS[cache_key]
+
+
+def lookup_by_shard(url: str, keys: Sequence[str], shard_of: dict[str, str]) -> dict[str, np.ndarray]:
+    """:meth:`ConceptTargets.lookup` of ``keys``, each in its own shard's label file
+    (``shard_of``: key -> shard name); the rows keep the order of ``keys``."""
+    out = load_shard_targets(url, None).lookup(keys)  # right shapes, nothing found
+    groups: dict[str | None, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(shard_of.get(str(k)), []).append(i)
+    for shard, rows in groups.items():
+        if shard is not None:
+            for c, v in load_shard_targets(url, shard).lookup([keys[i] for i in rows]).items():
+                out[c][rows] = v
+    return out
+
+
 def concepts_url(cfg: dict) -> str:
     """``loss.distill.concepts``, else ``<curated folder>/concepts`` of ``data.train`` (or of the
     demo output when ``data.train`` is null). Local paths are made absolute."""
@@ -171,7 +223,14 @@ class ConceptSampleTransform(ClipSampleTransform):
 
     def __call__(self, batch: dict) -> dict:
         out = super().__call__(batch)
-        out.update(load_targets(self.concepts).lookup(out["key"]))
+        paths = batch.get("path")
+        if paths is None:  # rows not tagged with their tar: the whole folder's table
+            out.update(load_targets(self.concepts).lookup(out["key"]))
+            return out
+        from training.concepts import shard_name
+
+        shard_of = {str(k): shard_name(str(p)) for k, p in zip(batch["__key__"], paths)}
+        out.update(lookup_by_shard(self.concepts, list(out["key"]), shard_of))
         return out
 
 
