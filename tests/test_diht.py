@@ -202,6 +202,11 @@ def test_training_reader_tags_rows_with_their_tar(ray_session, curated):
     ds = build_dataset({"train": str(folder), "map_batch_size": 16, "num_cpus": 0.5}, tar_of_each_row)
     got = {r["key"]: r["shard"] for r in ds.take_all()}
     assert got == {s["key"]: s["shard"] for s in samples}
+    assert ds.context.op_resource_reservation_enabled  # Ray Data's default unless the config says
+    off = build_dataset({"train": str(folder), "map_batch_size": 16, "num_cpus": 0.5,
+                         "op_resource_reservation": False}, tar_of_each_row)
+    assert not off.context.op_resource_reservation_enabled
+    assert ray_session.data.DataContext.get_current().op_resource_reservation_enabled  # only that dataset
 
 
 def test_missing_concept_labels_are_a_clear_error(tmp_path):
