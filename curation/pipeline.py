@@ -32,6 +32,7 @@ from curation.caption_filters import CaptionFilterConfig, CaptionScorer
 from curation.ingest import (ERROR, PENDING, SHARD_END, IngestOptions, InputShard, discover_shards,
                              read_shard)
 from curation.ocr import TextSpotter, TextSpottingConfig, make_backend, set_torch_threads
+from curation.storage import Storage, ray_env_vars
 from curation.output import (EVALUATED, NOT_EVALUATED, OutputFolder, format_funnel, funnel,
                              sizes, write_shard)
 
@@ -141,8 +142,13 @@ class TextSpottingStage:
 
 # --- driver ---------------------------------------------------------------------------------------
 
-def init_ray(ray_cfg: dict):
-    """Attach to the cluster under ``ray job submit`` (RAY_ADDRESS), else start a local Ray."""
+def init_ray(ray_cfg: dict, storage: Storage | None = None):
+    """Attach to the cluster under ``ray job submit`` (RAY_ADDRESS), else start a local Ray.
+
+    A local Ray's workers get the driver's object-storage settings (``storage``) in their
+    environment; on a cluster they come with the job's ``runtime_env`` and, in any case, with
+    every task as an argument (see :mod:`curation.storage`).
+    """
     import ray
 
     if ray.is_initialized():
@@ -153,6 +159,9 @@ def init_ray(ray_cfg: dict):
         if ray_cfg.get("num_cpus"):
             kwargs["num_cpus"] = int(ray_cfg["num_cpus"])
         kwargs["include_dashboard"] = False
+        env = ray_env_vars(storage) if storage is not None else {}
+        if env:
+            kwargs["runtime_env"] = {"env_vars": env}
     ray.init(**kwargs)
 
 

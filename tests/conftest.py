@@ -23,3 +23,21 @@ def nlp():
     from curation.nlp import load_english
 
     return load_english()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server (SeaweedFS) on 127.0.0.1 for the whole session; see tests/s3server.py."""
+    from s3server import SeaweedS3
+
+    server = SeaweedS3().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The server's endpoint and credentials in the standard AWS variables, as users set them."""
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    return s3_server
