@@ -95,13 +95,32 @@ def test_variant_configs_select_their_companion(variant):
     cfg = build_train_config(str(variant_file(variant)))
     assert cfg["recipe"] == "improved"
     assert cfg["loss"]["ssl"]["name"] == ("none" if variant == "improved_clip" else variant.split("_")[1])
-    assert cfg["loss"]["label_smoothing"] == 0.1
+    from training.recipe_improved import loss_settings
+
+    # SwALIP trains without label smoothing (SPEC 5; the official SwALIPLoss asserts it), the rest 0.1
+    want = 0.0 if variant == "improved_swalip" else 0.1
+    assert loss_settings(cfg["loss"]) == {"label_smoothing": want, "reduction": "mean"}
     assert cfg["model"]["improved"]["proj_dim"] == 256 and cfg["model"]["improved"]["mlp_hidden_dim"] == 4096
 
 
-@pytest.mark.parametrize("preset,dropout,text_layers,wd", [
-    ("cc3m", 0.2, 6, 0.5), ("cc12m", 0.05, None, 0.1), ("yfcc15m", 0.0, None, 0.1)])
-def test_dataset_presets_follow_spec(preset, dropout, text_layers, wd):
+def test_swalip_refuses_label_smoothing():
+    from training.losses.ssl import SwALIP
+    from training.recipe_improved import ImprovedRecipe, ImprovedRecipeLoss
+
+    # a preset + `loss.ssl.name=swalip` on the command line gets 0, as the official SwALIP runs
+    assert ImprovedRecipe(config("improved_clip", "loss.ssl.name=swalip")).build_loss(
+        ImprovedRecipe(config("improved_clip")).build_model()).clip_loss.label_smoothing == 0.0
+    with pytest.raises(ValueError, match="loss.label_smoothing=0.1 with loss.ssl.name=swalip"):
+        ImprovedRecipe(config("improved_swalip", "loss.label_smoothing=0.1"))
+    with pytest.raises(ValueError, match="SwALIP is trained without label smoothing"):
+        ImprovedRecipeLoss(0.1, ssl=SwALIP(), ssl_name="swalip")
+    assert ImprovedRecipeLoss(0.0, ssl=SwALIP(), ssl_name="swalip").clip_loss.label_smoothing == 0.0
+
+
+@pytest.mark.parametrize("preset,dropout,text_layers,wd,reduction", [
+    ("cc3m", 0.2, 6, 0.5, "mean"), ("cc12m", 0.05, None, 0.1, "sum"), ("yfcc15m", 0.0, None, 0.1, "sum")])
+def test_dataset_presets_follow_spec(preset, dropout, text_layers, wd, reduction):
+    from training.recipe_improved import ImprovedRecipe, loss_settings
     from training.train import build_train_config
 
     cfg = build_train_config(str(TRAIN_CONFIGS / "presets" / f"{preset}.yaml"))
@@ -113,7 +132,12 @@ def test_dataset_presets_follow_spec(preset, dropout, text_layers, wd):
     assert (t["lr"], t["batch_size"], t["epochs"], t["beta1"], t["beta2"], t["eps"]) == \
         (3e-3, 4096, 32, 0.9, 0.98, 1e-8)
     assert t["lr"] * t["min_lr_ratio"] == pytest.approx(1e-5, rel=1e-6)  # cosine to 1e-5
-    assert cfg["loss"]["label_smoothing"] == 0.1
+    # the official runs: CC3M averages the two directions, CC12M / YFCC15M sum them
+    assert loss_settings(cfg["loss"]) == {"label_smoothing": 0.1, "reduction": reduction}
+    small = build_train_config(str(TRAIN_CONFIGS / "presets" / f"{preset}.yaml"),
+                               [f"model.arch={ARCH}", "model.text_cfg={}", "model.improved.mlp_hidden_dim=16"])
+    recipe = ImprovedRecipe(small)
+    assert recipe.build_loss(recipe.build_model()).clip_loss.reduction == reduction
 
 
 def test_config_errors():

@@ -88,3 +88,26 @@ def test_bad_views_give_clear_errors():
         improved_clip_loss(x, y, 10.0, xs, ys)
     with pytest.raises(ValueError, match="label_smoothing"):
         ImprovedCLIPLoss(1.5)
+
+
+# --- issue 13: loss.reduction (official --loss-avg-or-sum) -------------------------------------------
+
+@pytest.mark.parametrize("n_views", [2, 0])
+def test_sum_reduction_adds_the_two_directions(n_views):
+    x, y, xs, ys = _feats(6, n_views=n_views)
+    scale_s = 9.0 if n_views else None
+    mean, parts = improved_clip_loss(x, y, 12.0, xs, ys, scale_s, return_parts=True)
+    total = improved_clip_loss(x, y, 12.0, xs, ys, scale_s, reduction="sum")
+    if n_views:
+        per_dir = [(parts[f"global_{d}"] + 2 * parts[f"local_{d}"]) / 3 for d in ("i2t", "t2i")]
+    else:
+        per_dir = [parts["global_i2t"], parts["global_t2i"]]
+    torch.testing.assert_close(total, per_dir[0] + per_dir[1])  # the official `clip_loss * 2`
+    torch.testing.assert_close(total, 2 * mean)
+    if n_views:
+        torch.testing.assert_close(total, 2 * _reference(x, y, xs, ys, 12.0, 9.0, 0.1))
+    out = {"image": x, "text": y, "logit_scale": torch.tensor(12.0), "image_strong": xs, "text_strong": ys,
+           "logit_scale_strong": torch.tensor(9.0) if n_views else None}
+    torch.testing.assert_close(ImprovedCLIPLoss(0.1, reduction="sum")(out), total)
+    with pytest.raises(ValueError, match="loss.reduction"):
+        improved_clip_loss(x, y, 12.0, xs, ys, scale_s, reduction="avg")

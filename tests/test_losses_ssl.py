@@ -376,3 +376,61 @@ def test_two_workers_equal_one_process(tmp_path):
         for k in ("gs", "gss"):
             if want[k] is not None:
                 torch.testing.assert_close((r0[k] + r1[k]) / 2, want[k], msg=f"{name} {k}")
+
+
+# ---- issue 13: separate companion projectors for the strong views (official --separate-proj-child) ----
+
+def _ssl_outputs(seed=40, b=8, d=6):
+    return {"image_pooled": _randn(seed, b, d), "text_pooled": _randn(seed + 1, b, d),
+            "image_strong_pooled": [_randn(seed + 2, b, d), _randn(seed + 3, b, d)],
+            "text_strong_pooled": [_randn(seed + 4, b, d), _randn(seed + 5, b, d)]}
+
+
+@pytest.mark.parametrize("name", ["barlip", "siamlip", "byolip"])
+def test_separate_projectors_give_the_strong_views_their_own_heads(name):
+    torch.manual_seed(0)
+    shared = build_ssl({"name": name, **_SMALL[name]}, 6)
+    torch.manual_seed(0)
+    separate = build_ssl({"name": name, **_SMALL[name], "separate_projectors": True}, 6)
+    n_shared = sum(p.numel() for p in shared.parameters() if p.requires_grad)
+    n_sep = sum(p.numel() for p in separate.parameters() if p.requires_grad)
+    assert n_sep == 2 * n_shared  # one more copy of every projector (and predictor)
+    assert not shared.separate_projectors  # the default is off
+    out = _ssl_outputs()
+    loss = separate(out)
+    loss.backward()
+    weak = [separate.image_projector, separate.text_projector] if name == "barlip" else \
+        [separate.projectors, separate.predictors]
+    strong = [separate.image_projector_strong, separate.text_projector_strong] if name == "barlip" else \
+        [separate.projectors_strong, separate.predictors_strong]
+    for module in weak + strong:  # the weak pair trains the weak heads, the strong pairs the strong ones
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    # the weak heads see only the weak pair: with the strong views removed their gradients are equal
+    weak_grads = [p.grad.clone() for m in weak for p in m.parameters()]
+    separate.zero_grad()
+    only_weak = {**out, "image_strong_pooled": [], "text_strong_pooled": []}
+    n_terms_all = 5 if name == "barlip" else 10  # weak pair + 2x2 strong pairs (x2 directions for SimSiam)
+    n_terms_weak = 1 if name == "barlip" else 2
+    (separate(only_weak) * n_terms_weak / n_terms_all).backward()
+    for g, p in zip(weak_grads, [p for m in weak for p in m.parameters()]):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+    if name == "byolip":  # each head has its own EMA target
+        before = [p.clone() for p in separate.target_projectors_strong.parameters()]
+        with torch.no_grad():
+            for p in separate.projectors_strong.parameters():
+                p.add_(1.0)
+        separate.after_step()
+        moved = [not torch.equal(a, b) for a, b in zip(before, separate.target_projectors_strong.parameters())]
+        assert all(moved)
+
+
+def test_separate_projectors_config_and_refusals():
+    from training.recipe_improved import ssl_settings
+
+    name, section, _ = ssl_settings({"ssl": {"name": "barlip", "separate_projectors": True, "barlip": {}}})
+    assert section == {"name": "barlip", "separate_projectors": True}
+    _, section, _ = ssl_settings({"ssl": {"name": "barlip", "separate_projectors": False, "barlip": {}}})
+    assert section == {"name": "barlip"}
+    for other in ("swalip", "slip"):
+        with pytest.raises(ValueError, match="separate_projectors applies to barlip, siamlip, byolip"):
+            ssl_settings({"ssl": {"name": other, "separate_projectors": True}})

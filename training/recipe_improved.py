@@ -25,7 +25,8 @@ into the trainer's seams (:mod:`training.recipes`):
   GPU workers (``model.sync_bn``).
 * **loss** (:class:`ImprovedRecipeLoss`, an ``nn.Module``, so the companion's projectors and EMA
   targets are trained / checkpointed with the model): the CLIP 🚀 objective
-  (:func:`training.losses.improved.improved_clip_loss`, ``loss.label_smoothing``) plus the SSL
+  (:func:`training.losses.improved.improved_clip_loss`, ``loss.label_smoothing`` (null: 0.1, 0
+  with SwALIP, which refuses any other value), ``loss.reduction`` mean | sum) plus the SSL
   companion ``loss.ssl.name`` (none | barlip | siamlip | byolip | swalip | slip) built by
   :func:`training.losses.registry.build_ssl` from ``loss.ssl.<name>`` (its weight and sizes).
   For BYOLIP with ``loss.ssl.byolip.ema_model`` the targets are the features of an EMA copy of
@@ -86,27 +87,62 @@ def improved_config(*files, overrides=()) -> dict:
     return cfg
 
 
+SEPARATE_PROJECTOR_COMPANIONS = ("barlip", "siamlip", "byolip")
+DEFAULT_LABEL_SMOOTHING = 0.1
+
+
 def ssl_settings(loss_cfg: Mapping) -> tuple[str, dict | None, dict]:
     """``(name, build_ssl section or None, recipe-level extras)`` from the ``loss`` config.
 
     ``loss.ssl.name`` selects the companion and ``loss.ssl.<name>`` holds its keyword arguments
-    (``training.losses.ssl``); ``ema_model`` (BYOLIP only) is the recipe's and is returned in
-    ``extras``.
+    (``training.losses.ssl``); ``loss.ssl.separate_projectors`` (BarLIP, SiamLIP, BYOLIP) is
+    passed to the companion when true; ``ema_model`` (BYOLIP only) is the recipe's and is
+    returned in ``extras``.
     """
     from training.losses.registry import SSL_COMPANIONS
 
     ssl = dict(loss_cfg.get("ssl") or {})
     name = str(ssl.get("name") or "none").lower()
+    separate = bool(ssl.get("separate_projectors", False))
     if name in ("none", "null"):
         return "none", None, {}
     if name not in SSL_COMPANIONS:
         raise ValueError(f"unknown loss.ssl.name {ssl.get('name')!r}; choose one of "
                          f"{sorted(SSL_COMPANIONS)} or none")
     params = dict(ssl.get(name) or {})
+    if separate:
+        if name not in SEPARATE_PROJECTOR_COMPANIONS:
+            raise ValueError(f"loss.ssl.separate_projectors applies to {', '.join(SEPARATE_PROJECTOR_COMPANIONS)}; "
+                             f"{name} has no per-view projectors (swalip: no projector at all; slip: "
+                             "strong image views only)")
+        params["separate_projectors"] = True
     extras = {}
     if name == "byolip":
         extras["ema_model"] = bool(params.pop("ema_model", False))
     return name, {"name": name, **params}, extras
+
+
+def loss_settings(loss_cfg: Mapping) -> dict:
+    """``{"label_smoothing", "reduction"}`` of the CLIP 🚀 term, checked against the companion.
+
+    ``loss.label_smoothing: null`` means the recipe's default: 0.1 on the strong pairs, but 0
+    with SwALIP; an explicit non-zero value with SwALIP is a config error (the official
+    ``SwALIPLoss`` asserts ``label_smoothing == 0.0``, and its SwALIP runs use 0). ``loss.reduction``:
+    ``mean`` | ``sum`` (official ``--loss-avg-or-sum``; :mod:`training.losses.improved`).
+    """
+    from training.losses.improved import check_reduction
+
+    name = str((loss_cfg.get("ssl") or {}).get("name") or "none").lower()
+    smoothing = loss_cfg.get("label_smoothing")
+    if smoothing is None:
+        smoothing = 0.0 if name == "swalip" else DEFAULT_LABEL_SMOOTHING
+    smoothing = float(smoothing)
+    if name == "swalip" and smoothing != 0.0:
+        raise ValueError(f"loss.label_smoothing={smoothing:g} with loss.ssl.name=swalip: SwALIP is trained "
+                         "without label smoothing (the official SwALIPLoss refuses it); set "
+                         "loss.label_smoothing=0 or null")
+    return {"label_smoothing": smoothing,
+            "reduction": check_reduction(str(loss_cfg.get("reduction") or "mean"))}
 
 
 # --- data ---------------------------------------------------------------------------------------------------
@@ -226,12 +262,18 @@ class ImprovedRecipeLoss(nn.Module):
     """
 
     def __init__(self, label_smoothing: float = 0.1, ssl: nn.Module | None = None, ssl_name: str = "none",
-                 online: nn.Module | None = None, target_momentum: float | None = None):
+                 online: nn.Module | None = None, target_momentum: float | None = None,
+                 reduction: str = "mean"):
         super().__init__()
         from training.ema import EMA
         from training.losses.improved import ImprovedCLIPLoss
+        from training.losses.ssl import SwALIP
 
-        self.clip_loss = ImprovedCLIPLoss(label_smoothing)
+        if (isinstance(ssl, SwALIP) or ssl_name == "swalip") and float(label_smoothing) != 0.0:
+            raise ValueError(f"SwALIP is trained without label smoothing (the official SwALIPLoss "
+                             f"refuses it); got label_smoothing={label_smoothing:g}: set "
+                             "loss.label_smoothing=0")
+        self.clip_loss = ImprovedCLIPLoss(label_smoothing, reduction)
         self.ssl = ssl
         self.ssl_name = ssl_name
         self.target = None
@@ -292,7 +334,8 @@ class ImprovedRecipeLoss(nn.Module):
         loss, parts = improved_clip_loss(
             out["image"], out["text"], out["logit_scale"], out.get("image_strong", ()),
             out.get("text_strong", ()), out.get("logit_scale_strong"),
-            label_smoothing=self.clip_loss.label_smoothing, return_parts=True)
+            label_smoothing=self.clip_loss.label_smoothing, return_parts=True,
+            reduction=self.clip_loss.reduction)
         terms = {"clip_rocket": loss.detach(), **{k: v.detach() for k, v in parts.items()},
                  "logit_scale_weak": torch.as_tensor(out["logit_scale"]).detach()}
         if out.get("logit_scale_strong") is not None:
@@ -320,6 +363,12 @@ def _noop_after_step():
 @register_recipe("improved")
 class ImprovedRecipe(ClipRecipe):
     """CLIP 🚀: multi-view data, separate weak/strong projectors, CLIP 🚀 loss + SSL companion."""
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        loss_cfg = cfg.get("loss") or {}
+        loss_settings(loss_cfg)  # config errors (SwALIP + smoothing, reduction) on the driver
+        ssl_settings(loss_cfg)
 
     def sample_transform(self, is_train: bool = True, counter=None) -> Callable:
         if not is_train:
@@ -364,13 +413,14 @@ class ImprovedRecipe(ClipRecipe):
 
         model = unwrap(model)
         loss_cfg = self.cfg["loss"]
+        settings = loss_settings(loss_cfg)
         name, section, extras = ssl_settings(loss_cfg)
         ssl = build_ssl(section, model.pooled_dim) if section else None
         if ssl is not None:
             ssl = to_sync_batchnorm(ssl, self.cfg["model"].get("sync_bn", "auto"))
         momentum = float(section.get("momentum", 0.99)) if extras.get("ema_model") else None
-        return ImprovedRecipeLoss(float(loss_cfg.get("label_smoothing", 0.1)), ssl=ssl, ssl_name=name,
-                                  online=model, target_momentum=momentum)
+        return ImprovedRecipeLoss(settings["label_smoothing"], ssl=ssl, ssl_name=name,
+                                  online=model, target_momentum=momentum, reduction=settings["reduction"])
 
     def embedder(self, model: nn.Module, device="cpu"):
         from training.checkpoint import unwrap

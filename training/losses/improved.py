@@ -8,7 +8,10 @@ the MLP projector with its own scale ``t_s``. For one direction (image -> text, 
     local  = mean over (i, j) in n x n of CE_eps( t_s * x_s[i] @ Y_s[j]^T , positives )
     L_i2t  = (global + n * local) / (1 + n)                             # = (global + 2 local) / 3
 
-and ``L_t2i`` is the same with texts as rows; the loss is ``(L_i2t + L_t2i) / 2``. ``CE_eps`` is
+and ``L_t2i`` is the same with texts as rows; the loss is ``(L_i2t + L_t2i) / 2`` (``reduction="mean"``,
+the official ``--loss-avg-or-sum avg``, its CC3M runs) or ``L_i2t + L_t2i`` (``reduction="sum"``, the
+official ``sum``: ``loss = clip_loss * 2``, its CC12M, YFCC15M and 29M runs; an SSL companion added
+to it then weighs half as much relative to the CLIP term). ``CE_eps`` is
 cross-entropy with label smoothing ``eps = 0.1`` (``F.cross_entropy(label_smoothing=eps)``, so the
 smoothing mass is spread over all global columns). This is the formula of the official code
 (facebookresearch/clip-rocket, ``losses.CL2LLoss``: ``clip_loss_image = (clip_loss_image_global +
@@ -29,7 +32,15 @@ import torch.nn.functional as F
 
 from training.distributed import gather_with_grad, local_targets
 
-__all__ = ["directional_infonce", "improved_clip_loss", "ImprovedCLIPLoss"]
+__all__ = ["REDUCTIONS", "directional_infonce", "improved_clip_loss", "ImprovedCLIPLoss"]
+
+REDUCTIONS = ("mean", "sum")  # how the two directions combine (official --loss-avg-or-sum avg|sum)
+
+
+def check_reduction(reduction: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"loss.reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
 
 
 def directional_infonce(
@@ -55,13 +66,17 @@ def improved_clip_loss(
     logit_scale_strong: torch.Tensor | float | None = None,
     label_smoothing: float = 0.1,
     return_parts: bool = False,
+    reduction: str = "mean",
 ):
     """The CLIP 🚀 loss (module docstring). All features L2-normalised [B_local, D].
 
     ``image_strong``/``text_strong``: lists of ``n`` strong views each (same ``n``; ``n = 0`` gives
-    plain CLIP). ``return_parts=True`` returns ``(loss, {"global_i2t", "global_t2i", "local_i2t",
+    plain CLIP). ``reduction``: ``"mean"`` of the two directions or their ``"sum"`` (module
+    docstring). ``return_parts=True`` returns ``(loss, {"global_i2t", "global_t2i", "local_i2t",
     "local_t2i"})`` for logging.
     """
+    check_reduction(reduction)
+    factor = 2.0 if reduction == "sum" else 1.0
     image_strong, text_strong = list(image_strong), list(text_strong)
     if len(image_strong) != len(text_strong):
         raise ValueError(
@@ -76,7 +91,7 @@ def improved_clip_loss(
     g_t2i = directional_infonce(text, image_all, logit_scale)
     parts = {"global_i2t": g_i2t, "global_t2i": g_t2i}
     if n == 0:
-        loss = (g_i2t + g_t2i) / 2
+        loss = factor * (g_i2t + g_t2i) / 2
         return (loss, parts) if return_parts else loss
 
     image_strong_all = [gather_with_grad(x) for x in image_strong]
@@ -93,7 +108,7 @@ def improved_clip_loss(
     ) / (n * n)
     loss_i2t = (g_i2t + n * l_i2t) / (1 + n)
     loss_t2i = (g_t2i + n * l_t2i) / (1 + n)
-    loss = (loss_i2t + loss_t2i) / 2
+    loss = factor * (loss_i2t + loss_t2i) / 2
     parts.update(local_i2t=l_i2t, local_t2i=l_t2i)
     return (loss, parts) if return_parts else loss
 
@@ -106,11 +121,12 @@ class ImprovedCLIPLoss(nn.Module):
     ``training.improved_model.ImprovedCLIP``); ``batch`` is unused. No parameters.
     """
 
-    def __init__(self, label_smoothing: float = 0.1):
+    def __init__(self, label_smoothing: float = 0.1, reduction: str = "mean"):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = float(label_smoothing)
+        self.reduction = check_reduction(reduction)
 
     def forward(self, outputs: Mapping, batch: Mapping | None = None) -> torch.Tensor:
         return improved_clip_loss(
@@ -121,4 +137,5 @@ class ImprovedCLIPLoss(nn.Module):
             outputs.get("text_strong", ()),
             outputs.get("logit_scale_strong"),
             label_smoothing=self.label_smoothing,
+            reduction=self.reduction,
         )

@@ -27,6 +27,12 @@ SLIP       SimCLR (NT-Xent, temperature 0.1) between the two strong *image* view
            MLP d -> 4096 -> 4096 -> 256 (the image-image baseline from SLIP).
 =========  ==================================================================================
 
+Separate projectors. ``separate_projectors=True`` (BarLIP, SiamLIP, BYOLIP; config
+``loss.ssl.separate_projectors``, default off) gives the strong views their own projectors (and,
+for SiamLIP/BYOLIP, predictors; BYOLIP keeps an EMA of each), as the official code's
+``--separate-proj-child`` (its ViT-S/16 runs): the weak pair goes through the ``*_global``
+heads and every strong view through the ``*_local`` ones. Off, one head serves every view.
+
 Inputs. ``forward(outputs, batch=None)`` reads a model output dict (``batch`` is unused; it
 keeps the recipe's ``loss(outputs, batch)`` call shape):
 
@@ -267,17 +273,29 @@ class BarLIP(_Companion):
         proj_dim: int = 8192,
         lamb: float = 5e-3,
         scale_loss: float = 0.025,
+        separate_projectors: bool = False,
     ):
         super().__init__(weight)
         d_img, d_txt = _dims(dim)
         self.image_projector = _mlp(d_img, [hidden_dim, hidden_dim], proj_dim)
         self.text_projector = _mlp(d_txt, [hidden_dim, hidden_dim], proj_dim)
+        self.separate_projectors = bool(separate_projectors)
+        if self.separate_projectors:  # the strong views' own heads (official --separate-proj-child)
+            self.image_projector_strong = _mlp(d_img, [hidden_dim, hidden_dim], proj_dim)
+            self.text_projector_strong = _mlp(d_txt, [hidden_dim, hidden_dim], proj_dim)
         self.lamb, self.scale_loss = float(lamb), float(scale_loss)
+
+    def strong_projectors(self):
+        """(image, text) projectors of the strong views."""
+        if self.separate_projectors:
+            return self.image_projector_strong, self.text_projector_strong
+        return self.image_projector, self.text_projector
 
     def loss(self, image, text, image_strong=(), text_strong=()) -> torch.Tensor:
         pairs = [(self.image_projector(image), self.text_projector(text))]
-        zi = [self.image_projector(x) for x in image_strong]
-        zt = [self.text_projector(y) for y in text_strong]
+        proj_img, proj_txt = self.strong_projectors()
+        zi = [proj_img(x) for x in image_strong]
+        zt = [proj_txt(y) for y in text_strong]
         pairs += [(a, b) for a in zi for b in zt]
         total = sum(barlow_twins_loss(a, b, self.lamb, self.scale_loss) for a, b in pairs)
         return self.weight * total / len(pairs)
@@ -287,34 +305,36 @@ class BarLIP(_Companion):
         return self.loss(image, text, _views(outputs, "image_strong_pooled"), _views(outputs, "text_strong_pooled"))
 
 
+def _siam_heads(d_img: int, d_txt: int, hidden_dim: int, proj_dim: int):
+    """SimSiam projectors and predictors per modality."""
+    def predictor():
+        return nn.Sequential(nn.Linear(proj_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
+                             nn.ReLU(inplace=True), nn.Linear(hidden_dim, proj_dim))
+
+    projectors = nn.ModuleDict({
+        "image": _mlp(d_img, [hidden_dim], proj_dim, bias=False, last_bn=True),
+        "text": _mlp(d_txt, [hidden_dim], proj_dim, bias=False, last_bn=True),
+    })
+    return projectors, nn.ModuleDict({"image": predictor(), "text": predictor()})
+
+
 class SiamLIP(_Companion):
     """SimSiam across modalities: predict the other modality's stop-gradient projection."""
 
-    def __init__(self, dim, weight: float = 1.0, hidden_dim: int = 2048, proj_dim: int = 128):
+    def __init__(self, dim, weight: float = 1.0, hidden_dim: int = 2048, proj_dim: int = 128,
+                 separate_projectors: bool = False):
         super().__init__(weight)
         d_img, d_txt = _dims(dim)
-        self.projectors = nn.ModuleDict(
-            {
-                "image": _mlp(d_img, [hidden_dim], proj_dim, bias=False, last_bn=True),
-                "text": _mlp(d_txt, [hidden_dim], proj_dim, bias=False, last_bn=True),
-            }
-        )
-        self.predictors = nn.ModuleDict(
-            {
-                "image": nn.Sequential(
-                    nn.Linear(proj_dim, hidden_dim, bias=False),
-                    nn.BatchNorm1d(hidden_dim),
-                    nn.ReLU(inplace=True),
-                    nn.Linear(hidden_dim, proj_dim),
-                ),
-                "text": nn.Sequential(
-                    nn.Linear(proj_dim, hidden_dim, bias=False),
-                    nn.BatchNorm1d(hidden_dim),
-                    nn.ReLU(inplace=True),
-                    nn.Linear(hidden_dim, proj_dim),
-                ),
-            }
-        )
+        self.projectors, self.predictors = _siam_heads(d_img, d_txt, hidden_dim, proj_dim)
+        self.separate_projectors = bool(separate_projectors)
+        if self.separate_projectors:  # the strong views' own heads (official --separate-proj-child)
+            self.projectors_strong, self.predictors_strong = _siam_heads(d_img, d_txt, hidden_dim, proj_dim)
+
+    def strong_heads(self):
+        """(projectors, predictors) of the strong views."""
+        if self.separate_projectors:
+            return self.projectors_strong, self.predictors_strong
+        return self.projectors, self.predictors
 
     def _targets(self, online_z, targets):
         """The z that the predictions are matched to: SimSiam uses the online projections
@@ -323,15 +343,16 @@ class SiamLIP(_Companion):
 
     def loss(self, image, text, image_strong=(), text_strong=(), targets=None) -> torch.Tensor:
         proj, pred = self.projectors, self.predictors
+        proj_s, pred_s = self.strong_heads()
         z = (
             proj["image"](image),
             proj["text"](text),
-            [proj["image"](x) for x in image_strong],
-            [proj["text"](y) for y in text_strong],
+            [proj_s["image"](x) for x in image_strong],
+            [proj_s["text"](y) for y in text_strong],
         )
         p_img, p_txt = pred["image"](z[0]), pred["text"](z[1])
-        p_img_s = [pred["image"](v) for v in z[2]]
-        p_txt_s = [pred["text"](v) for v in z[3]]
+        p_img_s = [pred_s["image"](v) for v in z[2]]
+        p_txt_s = [pred_s["text"](v) for v in z[3]]
         z_img, z_txt, z_img_s, z_txt_s = self._targets(z, targets)
         terms = [negative_cosine(p_img, z_txt), negative_cosine(p_txt, z_img)]
         terms += [negative_cosine(p, v) for p in p_img_s for v in z_txt_s]
@@ -357,12 +378,16 @@ class BYOLIP(SiamLIP):
     """SiamLIP with targets from an EMA copy of the projectors (momentum 0.99).
 
     ``targets`` (dict with ``image``, ``text``, ``image_strong``, ``text_strong``) are the EMA
-    model's pooled features; without them the online features are used (detached).
+    model's pooled features; without them the online features are used (detached). With
+    ``separate_projectors`` the strong views' projectors have their own EMA copy.
     """
 
-    def __init__(self, dim, weight: float = 1.0, hidden_dim: int = 2048, proj_dim: int = 128, momentum: float = 0.99):
-        super().__init__(dim, weight, hidden_dim, proj_dim)
+    def __init__(self, dim, weight: float = 1.0, hidden_dim: int = 2048, proj_dim: int = 128, momentum: float = 0.99,
+                 separate_projectors: bool = False):
+        super().__init__(dim, weight, hidden_dim, proj_dim, separate_projectors)
         self.target_projectors = EMA(self.projectors, momentum)
+        if self.separate_projectors:
+            self.target_projectors_strong = EMA(self.projectors_strong, momentum)
 
     def loss(self, image, text, image_strong=(), text_strong=(), targets=None) -> torch.Tensor:
         if targets is None:
@@ -372,16 +397,20 @@ class BYOLIP(SiamLIP):
     @torch.no_grad()
     def _targets(self, online_z, targets):
         proj = self.target_projectors.module
+        proj_s = self.target_projectors_strong.module if self.separate_projectors else proj
         proj.train(self.training)
+        proj_s.train(self.training)
         return (
             proj["image"](targets["image"].detach()),
             proj["text"](targets["text"].detach()),
-            [proj["image"](x.detach()) for x in targets["image_strong"]],
-            [proj["text"](y.detach()) for y in targets["text_strong"]],
+            [proj_s["image"](x.detach()) for x in targets["image_strong"]],
+            [proj_s["text"](y.detach()) for y in targets["text_strong"]],
         )
 
     def after_step(self) -> None:
         self.target_projectors.update(self.projectors)
+        if self.separate_projectors:
+            self.target_projectors_strong.update(self.projectors_strong)
 
 
 class SwALIP(_Companion):
