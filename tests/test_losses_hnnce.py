@@ -63,6 +63,42 @@ def test_matches_direct_float64_formula(alpha, beta):
     assert got == pytest.approx(want, rel=1e-5, abs=1e-5)
 
 
+def _hnnce_reference_autograd(x, y, scale, alpha, beta, detach_weights=False):
+    """The SPEC formula in float64 with autograd (plain exp/sum, no logsumexp), weights NOT
+    detached unless ``detach_weights`` (the wrong variant the test must tell apart)."""
+    def direction(s):
+        b = s.shape[0]
+        off = ~torch.eye(b, dtype=torch.bool)
+        e_beta = torch.exp(beta * s) * off
+        w = (b - 1) * e_beta / e_beta.sum(dim=1, keepdim=True)
+        if detach_weights:
+            w = w.detach()
+        denominator = alpha * torch.exp(torch.diagonal(s)) + (w * torch.exp(s) * off).sum(dim=1)
+        return -(torch.log(torch.exp(torch.diagonal(s)) / denominator)).mean()
+
+    s = scale * x @ y.T
+    return (direction(s) + direction(s.T)) / 2
+
+
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.5), (0.0, 0.5), (0.5, 1.0)])
+def test_gradients_match_float64_reference_with_undetached_weights(alpha, beta):
+    # SPEC 3: the importance weights w_ij are not detached, so the gradient has their term too.
+    x, y = _features(10, 8, seed=7)
+    scale = 9.0
+    got_x, got_y, got_s = (t.clone().requires_grad_(True) for t in (x, y, torch.tensor(scale)))
+    hnnce_loss(got_x, got_y, got_s, alpha=alpha, beta=beta).backward()
+    grads = {}
+    for detach in (False, True):
+        rx, ry, rs = (t.double().clone().requires_grad_(True) for t in (x, y, torch.tensor(scale)))
+        _hnnce_reference_autograd(rx, ry, rs, alpha, beta, detach_weights=detach).backward()
+        grads[detach] = (rx.grad, ry.grad, rs.grad)
+    for got, want in zip((got_x.grad, got_y.grad, got_s.grad), grads[False]):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    # detaching the weights changes the gradients far beyond that tolerance
+    assert (grads[True][0] - grads[False][0]).abs().max() > 1e-2
+    assert (grads[True][2] - grads[False][2]).abs() > 1e-2
+
+
 def test_hard_negatives_raise_the_loss_and_alpha0_lowers_it():
     # beta > 0 up-weights the hardest negatives, so (weights averaging B - 1) the loss can only grow;
     # dropping the positive from the denominator (alpha 0) can only lower it.

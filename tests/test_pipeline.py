@@ -104,9 +104,15 @@ def test_demo_end_to_end(ray_session, demo_input, tmp_path):
 
 
 def test_thresholds_and_switches(ray_session, demo_input, tmp_path):
+    base = curate(make_cfg(demo_input, tmp_path / "base"), log=lambda *_: None)  # complexity.min 1
     strict = curate(make_cfg(demo_input, tmp_path / "a", "filters.complexity.min=3"), log=lambda *_: None)
-    base = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert base["funnel"]["kept"] == strict["funnel"]["kept"]
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["funnel"] == strict["funnel"]
+    # a stricter threshold keeps exactly the base run's kept pairs whose complexity reaches it
+    base_stats, strict_stats = pd.read_parquet(tmp_path / "base" / "stats"), pd.read_parquet(tmp_path / "a" / "stats")
+    base_kept = base_stats[base_stats.status == "kept"]
+    assert set(strict_stats[strict_stats.status == "kept"].key) == set(base_kept[base_kept.complexity >= 3].key)
+    assert 0 < strict["funnel"]["kept"] < base["funnel"]["kept"]
+    assert strict["funnel"]["dropped"]["complexity"] > base["funnel"]["dropped"]["complexity"]
     off = curate(make_cfg(demo_input, tmp_path / "b", "filters.complexity.enabled=false",
                           "filters.action.enabled=false"), log=lambda *_: None)
     assert off["funnel"]["kept"] == off["funnel"]["evaluated"] > strict["funnel"]["kept"]
