@@ -1,11 +1,16 @@
 """The Ray Train job end to end on small generated shards: two gloo workers, bad samples skipped,
-an injected worker failure resumed from the last checkpoint, a restart with the same run name,
-and a model that learns (loss falls, zero-shot accuracy on held-out images far above chance)."""
+a SIGKILLed worker process resumed from the last checkpoint with the same data order, a restart
+with the same run name, and a model that learns (loss falls, zero-shot accuracy on held-out images far above chance)."""
 
 import io
 import json
+import os
 import random
+import signal
 import tarfile
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,7 +90,13 @@ def read_jsonl(path):
 
 @pytest.fixture(scope="module")
 def color_data(tmp_path_factory):
-    return write_color_shards(tmp_path_factory.mktemp("colors"))
+    # 82 samples, 2 bad: 80 usable = 2 workers x 5 full batches of 8, so an epoch is every usable
+    # sample exactly once
+    return write_color_shards(tmp_path_factory.mktemp("colors"), per_shard=41)
+
+
+def usable_keys(num_shards=2, per_shard=41) -> set:
+    return {f"{s:05d}{j:04d}" for s in range(num_shards) for j in range(per_shard)} - {"000000003", "000000007"}
 
 
 def run_cfg(data, storage, name, *extra):
@@ -99,27 +110,78 @@ def run_cfg(data, storage, name, *extra):
         "train.weight_decay=0.0", "train.log_every_steps=1", "eval.enabled=false", *extra])
 
 
-def test_two_workers_resume_after_injected_failure_and_learn(ray_session, color_data, tmp_path):
+def kill_when_paused(marker: Path, timeout: float = 600) -> dict:
+    """A thread that SIGKILLs the worker process whose pid ``marker`` holds, once it appears."""
+    out: dict = {}
+
+    def run():
+        deadline = time.time() + timeout
+        while time.time() < deadline and not marker.exists():
+            time.sleep(0.05)
+        time.sleep(0.2)  # the marker is written before the worker starts waiting
+        out["pid"] = int(marker.read_text())
+        os.kill(out["pid"], signal.SIGKILL)
+
+    out["thread"] = threading.Thread(target=run, daemon=True)
+    out["thread"].start()
+    return out
+
+
+def attempts(rows: list[dict]) -> list[list[dict]]:
+    """Key-log rows grouped by worker process, in order of appearance."""
+    pids = list(dict.fromkeys(r["pid"] for r in rows))
+    return [[r for r in rows if r["pid"] == p] for p in pids]
+
+
+def test_two_workers_resume_after_sigkill_and_learn(ray_session, color_data, tmp_path):
+    """A real SIGKILL of the rank-0 Ray Train worker process mid-epoch (step 14 of epoch 2 =
+    steps 11..15; checkpoints every 4 steps): Ray Train restarts the worker group from the step-12
+    checkpoint, which replays epoch 2's first two batches without training and continues with
+    exactly the samples the killed run would have trained on."""
     import open_clip
+    import psutil
 
     from training.model import register_model_configs
     from training.train import train
 
     register_model_configs()  # the tiny architectures in configs/models/
 
-    storage = tmp_path / "runs"
-    cfg = run_cfg(color_data, storage, "colors", "train.max_steps=30",
-                  "train.checkpoint_every_steps=10", "debug.fail_at_step=15", "run.max_failures=1")
+    storage, debug = tmp_path / "runs", tmp_path / "debug"
+    cfg = run_cfg(color_data, storage, "colors", "train.max_steps=30", "train.checkpoint_every_steps=4",
+                  "debug.pause_at_step=14", f"debug.dir={debug}", "debug.log_keys=true",
+                  "run.max_failures=1")
+    killer = kill_when_paused(debug / "paused-at-14-rank0")
     summary = train(cfg, log=lambda *_: None)
+    killer["thread"].join(5)
 
     assert summary["metrics"]["step"] == 30
-    assert summary["plan"] == {"num_samples": 80, "steps_per_epoch": 5, "total_steps": 30, "local_batch_size": 8}
+    assert summary["plan"] == {"num_samples": 82, "steps_per_epoch": 5, "total_steps": 30, "local_batch_size": 8}
+    # the process killed was the rank-0 training worker of the first attempt, and it is gone
+    first_pid = attempts(read_jsonl(debug / "keys-rank0.jsonl"))[0][0]["pid"]
+    assert killer["pid"] == first_pid and not psutil.pid_exists(first_pid)
     log_dir = storage / "colors"
-    assert (log_dir / ".injected_failure_at_15").exists()
     steps = [r["step"] for r in read_jsonl(log_dir / "metrics.jsonl") if "train/loss" in r]
-    # first attempt logged 1..14 and failed at 15; the retry resumed from the step-10 checkpoint
-    assert steps == list(range(1, 15)) + list(range(11, 31))
+    # first attempt logged 1..14 and was killed; the retry resumed from the step-12 checkpoint
+    assert steps == list(range(1, 15)) + list(range(13, 31))
     assert (log_dir / "tensorboard").is_dir()
+
+    usable = usable_keys()
+    epoch2: list = []
+    for rank in (0, 1):
+        first, second = attempts(read_jsonl(debug / f"keys-rank{rank}.jsonl"))
+        a1 = {r["step"]: r["keys"] for r in first}
+        assert sorted(a1) == list(range(1, 15)) and not any(r["skipped"] for r in first)
+        # the retry replayed epoch 2 up to the checkpoint: the same batches as the killed run ...
+        replayed = [(r["step"], r["keys"]) for r in second if r["skipped"]]
+        assert replayed == [(11, a1[11]), (12, a1[12])]
+        trained = {r["step"]: r["keys"] for r in second if not r["skipped"]}
+        assert sorted(trained) == list(range(13, 31))
+        # ... then trained on the very batches the killed run had for steps 13 and 14
+        assert trained[13] == a1[13] and trained[14] == a1[14]
+        epoch2 += a1[11] + a1[12] + trained[13] + trained[14] + trained[15]
+        assert {k for s in range(1, 6) for k in a1[s]} <= usable
+    # the interrupted epoch saw every usable sample exactly once, over both attempts
+    assert len(epoch2) == 80 and set(epoch2) == usable
 
     # the corrupt image and the empty caption were skipped (once per epoch), not fatal
     skipped = summary["skipped_samples"]

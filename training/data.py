@@ -41,17 +41,60 @@ def _expand_braces(pattern: str) -> list[str]:
     return list(braceexpand.braceexpand(pattern))
 
 
-def resolve_shards(data) -> tuple[list[str], object | None]:
-    """``(tar paths, pyarrow filesystem or None)`` for a folder, pattern, URL or list of them."""
+def fsspec_options(url: str, storage=None) -> dict:
+    """Explicit fsspec options for ``url``: for ``s3://``, the AWS variables captured in
+    ``storage`` (a :class:`curation.storage.Storage`: endpoint, key, secret, token, region) under
+    its ``storage_options``. A filesystem built with them carries its settings when pickled into
+    Ray tasks (Ray Data read tasks, checkpoint uploads), whose processes may not have the
+    driver's environment."""
+    from curation.storage import OBJECT_STORE_PROTOCOLS, is_remote
+
+    if storage is None or not is_remote(url) or url.split("://", 1)[0] not in OBJECT_STORE_PROTOCOLS:
+        return {}
+    env = dict(storage.env)
+    opts: dict = {}
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    for var, key in (("AWS_ACCESS_KEY_ID", "key"), ("AWS_SECRET_ACCESS_KEY", "secret"),
+                     ("AWS_SESSION_TOKEN", "token"), ("AWS_PROFILE", "profile")):
+        if env.get(var):
+            opts[key] = env[var]
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        opts["client_kwargs"] = {"region_name": region}
+    given = dict(storage.options)
+    if "client_kwargs" in given and "client_kwargs" in opts:
+        given["client_kwargs"] = {**opts["client_kwargs"], **given["client_kwargs"]}
+    return {**opts, **given}
+
+
+def url_to_fs(url: str, storage=None):
+    """``(fsspec filesystem, path)`` for a local path or URL, with :func:`fsspec_options`."""
     import fsspec
 
+    return fsspec.core.url_to_fs(str(url), **fsspec_options(str(url), storage))
+
+
+def pyarrow_filesystem(fs):
+    """A pyarrow filesystem over an fsspec one (None for the local disk: pyarrow's own)."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(fs))
+
+
+def resolve_shards(data, storage=None) -> tuple[list[str], object | None]:
+    """``(tar paths, pyarrow filesystem or None)`` for a folder, pattern, URL or list of them."""
     items = list(data) if isinstance(data, (list, tuple)) else [data]
     if not items or not all(isinstance(i, str) and i for i in items):
         raise DataError(f"data.train must be a path, URL, pattern or list of them, got {data!r}")
     paths, fs0 = [], None
     for item in items:
         for url in _expand_braces(item):
-            fs, path = fsspec.core.url_to_fs(url)
+            fs, path = url_to_fs(url, storage)
             fs0 = fs0 or fs
             if fs.isdir(path):
                 sub = posixpath.join(path, "shards")
@@ -68,12 +111,7 @@ def resolve_shards(data) -> tuple[list[str], object | None]:
                 raise DataError(f"training data not found: {url}")
     if not paths:
         raise DataError(f"no shards found for {data!r}")
-    protocol = fs0.protocol if isinstance(fs0.protocol, str) else fs0.protocol[0]
-    if protocol in ("file", "local"):
-        return paths, None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    return paths, PyFileSystem(FSSpecHandler(fs0))
+    return paths, pyarrow_filesystem(fs0)
 
 
 def count_samples(paths: list[str], filesystem=None) -> int | None:
@@ -237,22 +275,53 @@ class ClipSampleTransform:
 
 # --- Ray Data wiring -----------------------------------------------------------------------------------
 
-def build_dataset(data_cfg: dict, transform: Callable, *, shuffle_files: bool = True):
-    """Ray Dataset of transformed samples for the shards named by ``data_cfg["train"]``."""
-    import ray
+class WithStorage:
+    """A batch function that first makes its process open URLs as the driver does
+    (:meth:`curation.storage.Storage.apply`, cheap after the first call)."""
 
-    paths, filesystem = resolve_shards(data_cfg["train"])
+    def __init__(self, fn: Callable, storage):
+        self.fn, self.storage = fn, storage
+
+    def __call__(self, batch):
+        self.storage.apply()
+        return self.fn(batch)
+
+
+def build_dataset(data_cfg: dict, transform: Callable, *, shuffle_files: bool = True,
+                  storage=None, seed: int = 0):
+    """Ray Dataset of transformed samples for the shards named by ``data_cfg["train"]``.
+
+    With ``data_cfg["deterministic"]`` (the default) every epoch reads the shards in one seeded
+    order and Ray Data preserves the row order, so the rows each training worker receives are a
+    function of the seed alone: a run resumed mid-epoch replays the interrupted epoch's order and
+    skips what it had already trained on (the per-epoch variety then comes from the seeded local
+    shuffle buffer). Off: a fresh random shard order per epoch and no ordering constraint."""
+    import ray
+    from ray.data import FileShuffleConfig
+
+    paths, filesystem = resolve_shards(data_cfg["train"], storage)
+    deterministic = bool(data_cfg.get("deterministic", True))
+    if not shuffle_files:
+        shuffle = None
+    elif deterministic:
+        shuffle = FileShuffleConfig(seed=int(seed), reseed_after_execution=False)
+    else:
+        shuffle = "files"
     # One read task per shard: with fewer shards than Ray Data's parallelism target it would
     # otherwise split each read's output into small blocks (SplitBlocks), which costs throughput.
     ds = ray.data.read_webdataset(paths, filesystem=filesystem, decoder=None,
                                   include_paths=True,  # ``path``: each row's tar, for per-shard side data
-                                  shuffle="files" if shuffle_files else None,
+                                  shuffle=shuffle,
                                   override_num_blocks=data_cfg.get("read_blocks") or len(paths))
+    if deterministic:
+        ds.context.execution_options.preserve_order = True
     if not data_cfg.get("op_resource_reservation", True):
         # Ray Data reserves a share of the CPUs for each operator; the light read operator's
         # share then idles while the transform waits (on 2 CPUs the path ran at half speed).
         # Only this dataset's context changes.
         ds.context.op_resource_reservation_enabled = False
+    if storage is not None:  # the transform may read side data (concept labels) from the bucket
+        transform = WithStorage(transform, storage)
     return ds.map_batches(transform, batch_size=int(data_cfg["map_batch_size"]),
                           batch_format="numpy", num_cpus=float(data_cfg["num_cpus"]),
                           concurrency=data_cfg.get("concurrency"), zero_copy_batch=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -51,21 +52,44 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 class MetricsLogger:
-    """JSON lines + TensorBoard (tensorboardX) + a progress line; rank 0 only."""
+    """JSON lines + TensorBoard (tensorboardX) + a progress line; rank 0 only.
 
-    def __init__(self, log_dir: str | None, enabled: bool, print_fn=print):
+    ``log_dir`` is a local folder or a URL (``s3://...``). Object stores cannot append, so for a
+    URL the files are written to a local staging folder (``metrics.jsonl`` first downloaded from
+    the URL, so a resumed run continues it) and uploaded whole by :meth:`sync`: at every
+    checkpoint, at the end, and at most every ``sync_every_s`` seconds in between.
+    """
+
+    def __init__(self, log_dir: str | None, enabled: bool, print_fn=print, storage=None,
+                 sync_every_s: float = 60.0):
         self.enabled = enabled and log_dir is not None
         self.print = print_fn
         self.jsonl = self.tb = None
-        if self.enabled:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(Path(log_dir) / "metrics.jsonl", "a", encoding="utf-8")
-            try:
-                from tensorboardX import SummaryWriter
+        self.remote = self.fs = None
+        self.sync_every_s, self.last_sync = sync_every_s, time.time()
+        if not self.enabled:
+            return
+        from curation.storage import is_remote
 
-                self.tb = SummaryWriter(str(Path(log_dir) / "tensorboard"))
-            except ImportError:
-                self.tb = None
+        local = log_dir
+        if is_remote(log_dir):
+            from training.data import url_to_fs
+
+            self.fs, self.remote = url_to_fs(log_dir, storage)
+            self.staging = tempfile.TemporaryDirectory(prefix="train_logs_")
+            local = self.staging.name
+            src = f"{self.remote}/metrics.jsonl"
+            if self.fs.exists(src):
+                self.fs.get_file(src, str(Path(local) / "metrics.jsonl"))
+        self.local = Path(local)
+        self.local.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.local / "metrics.jsonl", "a", encoding="utf-8")
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.local / "tensorboard"))
+        except ImportError:
+            self.tb = None
 
     def log(self, step: int, metrics: dict, progress: bool = True) -> None:
         if not self.enabled:
@@ -83,12 +107,101 @@ class MetricsLogger:
                        f"loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.3g} "
                        f"samples/s {metrics['train/samples_per_s']:.1f} "
                        f"(data wait {100 * metrics.get('train/data_wait_frac', 0):.0f}%)", flush=True)
+        if self.remote is not None and time.time() - self.last_sync > self.sync_every_s:
+            self.sync()
+
+    def write_json(self, name: str, obj) -> None:
+        """A whole JSON file (``eval.json``) in the log folder, local or URL."""
+        if not self.enabled:
+            return
+        text = json.dumps(obj, indent=2, default=str)
+        if self.remote is not None:
+            self.fs.pipe_file(f"{self.remote}/{name}", text.encode())
+        else:
+            (self.local / name).write_text(text)
+
+    def sync(self) -> None:
+        """Upload the staged files to the log URL (no-op for a local folder)."""
+        if not self.enabled or self.remote is None:
+            return
+        if self.jsonl:
+            self.jsonl.flush()
+        if self.tb is not None:
+            self.tb.flush()
+        for path in sorted(self.local.rglob("*")):
+            if path.is_file():
+                self.fs.put_file(str(path), f"{self.remote}/{path.relative_to(self.local).as_posix()}")
+        self.last_sync = time.time()
 
     def close(self):
         if self.jsonl:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+        if self.remote is not None:
+            self.jsonl = self.tb = None
+            self.sync()
+            self.staging.cleanup()
+            self.remote = None
+
+
+class DebugHooks:
+    """Test hooks (``debug.*``), all off by default.
+
+    ``debug.dir`` (a local folder): each worker writes ``worker-<rank>.pid``; one-shot markers go
+    there; with ``debug.log_keys`` each worker appends ``keys-rank<rank>.jsonl`` rows (pid, step,
+    epoch, the sample keys of each micro-batch, ``skipped`` for batches replayed without
+    training on a mid-epoch resume). ``debug.pause_at_step``: at that step (after its logging and
+    checkpoint), once per run, every worker writes ``paused-at-<step>-rank<rank>`` (its pid) and
+    waits, so a test can SIGKILL a worker process there; after ``debug.pause_s`` it raises.
+    ``debug.fail_at_step``: rank 0 raises once at that step (marker in ``debug.dir``, else in a
+    local ``log_dir``).
+    """
+
+    def __init__(self, dcfg: dict, rank: int, log_dir: str | None = None):
+        from curation.storage import is_remote
+
+        self.dir = dcfg.get("dir") or (log_dir if log_dir and not is_remote(log_dir) else None)
+        self.rank = rank
+        self.log_keys = bool(dcfg.get("log_keys")) and bool(dcfg.get("dir"))
+        self.pause_at = dcfg.get("pause_at_step")
+        self.pause_s = float(dcfg.get("pause_s") or 120)
+        if dcfg.get("dir"):
+            Path(self.dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.dir) / f"worker-{rank}.pid").write_text(str(os.getpid()))
+
+    def keys(self, step: int, epoch: int, batch, skipped: bool = False) -> None:
+        keys = batch.get("key") if self.log_keys and isinstance(batch, dict) else None
+        if keys is None:
+            return
+        row = {"pid": os.getpid(), "step": step, "epoch": epoch, "keys": [str(k) for k in keys],
+               "skipped": skipped}
+        with open(Path(self.dir) / f"keys-rank{self.rank}.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _once(self, name: str) -> bool:
+        if not self.dir:
+            return False
+        marker = Path(self.dir) / name
+        if marker.exists():
+            return False
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(os.getpid()))
+        return True
+
+    def fail_once(self, step: int) -> None:
+        if self._once(f".injected_failure_at_{step}"):
+            raise RuntimeError(f"injected failure at step {step} (debug.fail_at_step)")
+
+    def maybe_pause(self, step: int) -> None:
+        if self.pause_at is None or step != int(self.pause_at):
+            return
+        if not self._once(f"paused-at-{step}-rank{self.rank}"):
+            return
+        deadline = time.time() + self.pause_s
+        while time.time() < deadline:
+            time.sleep(0.05)
+        raise RuntimeError(f"debug.pause_at_step={step}: nobody killed this worker in {self.pause_s:.0f}s")
 
 
 def run_eval(recipe, module: nn.Module, eval_cfg: dict, device, log=print) -> dict | None:
@@ -130,6 +243,9 @@ def train_loop_per_worker(config: dict) -> None:
     from training.recipes import get_recipe
 
     cfg = config["cfg"]
+    storage = config.get("storage")
+    if storage is not None:  # this process opens URLs (s3://) as the driver does
+        storage.apply()
     tcfg, mcfg = cfg["train"], cfg["model"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -174,7 +290,8 @@ def train_loop_per_worker(config: dict) -> None:
     if mcfg.get("compile"):
         net = torch.compile(net)
 
-    logger = MetricsLogger(log_dir, is_main)
+    logger = MetricsLogger(log_dir, is_main, storage=storage)
+    debug = DebugHooks(cfg.get("debug") or {}, rank, log_dir)
     shard = ray.train.get_dataset_shard("train")
     dcfg = cfg["data"]
     fail_at = (cfg.get("debug") or {}).get("fail_at_step")
@@ -189,6 +306,7 @@ def train_loop_per_worker(config: dict) -> None:
         if not with_checkpoint:
             ray.train.report(metrics)
             return
+        logger.sync()
         with tempfile.TemporaryDirectory() as tmp:
             if is_main:
                 save_checkpoint(tmp, module=module, clip=getattr(module.model, "clip", None), arch=mcfg["arch"],
@@ -196,6 +314,10 @@ def train_loop_per_worker(config: dict) -> None:
                                 optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                 extra={"epoch_step": epoch_step, "total_steps": total_steps})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if is_main else None)
+        # Ray Train registers a reported checkpoint when its controller next polls the workers: a
+        # worker killed before that would restart from the previous one. Wait until it is committed.
+        if is_main and hasattr(ray.train, "get_all_reported_checkpoints"):
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         last_saved = step
 
     def autocast():
@@ -206,6 +328,9 @@ def train_loop_per_worker(config: dict) -> None:
     net.train()
     window_t, window_n, window_wait, window_loss = time.perf_counter(), 0, 0.0, []
     last: dict = {}
+    # resumed mid-epoch: replay the epoch's (deterministic, data.deterministic) order up to where
+    # the checkpoint was taken, without training on it
+    skip = epoch_step * accum if (epoch_step and dcfg.get("deterministic", True)) else 0
     while step < total_steps:
         budget = min(steps_per_epoch - epoch_step, total_steps - step)
         done_this_epoch = 0
@@ -213,6 +338,12 @@ def train_loop_per_worker(config: dict) -> None:
                                shuffle_buffer=dcfg.get("shuffle_buffer"),
                                prefetch_batches=int(dcfg.get("prefetch_batches", 2)),
                                seed=int(tcfg["seed"]) + epoch))
+        for i in range(skip if budget > 0 else 0):
+            b = next(it, None)
+            if b is None:
+                break
+            debug.keys(step - epoch_step + i // accum + 1, epoch, b, skipped=True)
+        skip = 0
         while done_this_epoch < budget:
             t0 = time.perf_counter()
             micro = []
@@ -221,6 +352,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if b is None:
                     break
                 micro.append(b)
+                debug.keys(step + 1, epoch, b)
             window_wait += time.perf_counter() - t0
             if len(micro) < accum:
                 break  # the shard ran out (bad samples were skipped): next epoch
@@ -253,12 +385,8 @@ def train_loop_per_worker(config: dict) -> None:
             window_n += global_bs
             window_loss.append(terms_sum["loss"])
 
-            if fail_at is not None and step == int(fail_at) and is_main and log_dir:
-                marker = Path(log_dir) / f".injected_failure_at_{step}"
-                if not marker.exists():
-                    marker.parent.mkdir(parents=True, exist_ok=True)
-                    marker.write_text("1")
-                    raise RuntimeError(f"injected failure at step {step} (debug.fail_at_step)")
+            if fail_at is not None and step == int(fail_at) and is_main:
+                debug.fail_once(step)
 
             if step % log_every == 0 or step == total_steps:
                 dt = time.perf_counter() - window_t
@@ -274,6 +402,7 @@ def train_loop_per_worker(config: dict) -> None:
             if ckpt_every and step % ckpt_every == 0 and step < total_steps:
                 report({"step": step, "epoch": epoch, **{k: v for k, v in last.items() if k != "total_steps"}},
                        with_checkpoint=True)
+            debug.maybe_pause(step)
         if done_this_epoch == 0 and epoch_step == 0:
             raise RuntimeError("the training data yielded no full batch: fewer usable samples than "
                                f"the per-worker batch size {local_bs}")
@@ -291,9 +420,7 @@ def train_loop_per_worker(config: dict) -> None:
     if is_main and eval_cfg.get("enabled", True):
         res = run_eval(recipe, module, eval_cfg, device)
         if res is not None:
-            if log_dir:
-                Path(log_dir).mkdir(parents=True, exist_ok=True)
-                (Path(log_dir) / "eval.json").write_text(json.dumps(res, indent=2, default=str))
+            logger.write_json("eval.json", res)
             flat = headline(res)
             logger.log(step, {f"eval/{k}": v for k, v in flat.items()}, progress=False)
             final.update({f"eval/{k}": v for k, v in flat.items()})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import posixpath
 import sys
 import time
 from pathlib import Path
@@ -151,40 +152,80 @@ def resolve_use_gpu(value) -> bool:
 
 
 def storage_and_name(cfg: dict) -> tuple[str, str]:
-    storage = cfg["run"]["storage_path"]
-    if "://" not in storage:
-        storage = os.path.abspath(storage)
+    from curation.storage import absolute
+
+    storage = absolute(cfg["run"]["storage_path"]).rstrip("/")
     name = cfg["run"]["name"] or f"{cfg.get('recipe', 'clip')}-{cfg['model']['arch']}-{time.strftime('%Y%m%d-%H%M%S')}"
     return storage, name
 
 
 def log_dir_for(cfg: dict, storage: str, name: str) -> str:
+    """``run.log_dir``, else ``<run.storage_path>/<name>``: a local folder or a URL (the logs
+    then go to the bucket next to the checkpoints, see :class:`training.loop.MetricsLogger`)."""
+    from curation.storage import absolute, url_join
+
     if cfg["run"].get("log_dir"):
-        return os.path.abspath(cfg["run"]["log_dir"])
-    if "://" in storage:  # metrics files stay local when checkpoints go to object storage
-        return os.path.abspath(os.path.join("outputs", "train_logs", name))
-    return os.path.join(storage, name)
+        return absolute(cfg["run"]["log_dir"])
+    return url_join(storage, name)
+
+
+def ray_train_storage(storage_path: str, storage) -> tuple[str, object | None]:
+    """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig``: a URL becomes a
+    path in an explicit pyarrow filesystem over s3fs built with the captured settings
+    (endpoint, credentials, ``storage_options``), so checkpoints work against any S3-compatible
+    endpoint and the filesystem carries its settings to every worker."""
+    from curation.storage import is_remote
+    from training.data import pyarrow_filesystem, url_to_fs
+
+    if not is_remote(storage_path):
+        return storage_path, None
+    fs, path = url_to_fs(storage_path, storage)
+    return path, pyarrow_filesystem(fs)
+
+
+def write_text(url: str, text: str, storage=None) -> None:
+    from training.data import url_to_fs
+
+    fs, path = url_to_fs(url, storage)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    fs.pipe_file(path, text.encode())
+
+
+def read_text(url: str, storage=None) -> str | None:
+    from training.data import url_to_fs
+
+    fs, path = url_to_fs(url, storage)
+    if not fs.exists(path):
+        return None
+    return fs.cat_file(path).decode()
 
 
 # --- the job ---------------------------------------------------------------------------------------
 
-def build_trainer(cfg: dict, log=print):
-    """Everything up to ``TorchTrainer``; returns ``(trainer, info)``."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def build_trainer(cfg: dict, log=print, storage=None):
+    """Everything up to ``TorchTrainer``; returns ``(trainer, info)``. ``storage``: the
+    :class:`curation.storage.Storage` captured on the driver (every worker applies it)."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from curation.storage import Storage, absolute
 
     from training.data import build_dataset, count_samples, resolve_shards, start_error_counter
     from training.loop import train_loop_per_worker
     from training.recipes import get_recipe
 
+    storage_settings = storage if storage is not None else Storage.capture(cfg.get("storage_options"))
     data_cfg = dict(cfg["data"])
     if not data_cfg.get("train"):
         data_cfg["train"] = ensure_demo_data(cfg, log=log)
-    paths, fs = resolve_shards(data_cfg["train"])
+    elif isinstance(data_cfg["train"], str):
+        data_cfg["train"] = absolute(data_cfg["train"])  # workers may run in another directory
+    paths, fs = resolve_shards(data_cfg["train"], storage_settings)
     num_samples = data_cfg.get("num_samples") or count_samples(paths, fs)
     recipe = get_recipe(cfg)
     counter = start_error_counter()
-    ds = build_dataset(data_cfg, recipe.sample_transform(is_train=True, counter=counter))
+    ds = build_dataset(data_cfg, recipe.sample_transform(is_train=True, counter=counter),
+                       storage=storage_settings, seed=int(cfg["train"]["seed"]))
     if not num_samples:
         log("no sizes.json for these shards: counting samples (one pass over the data)")
         num_samples = ds.count()
@@ -200,22 +241,36 @@ def build_trainer(cfg: dict, log=print):
     storage, name = storage_and_name(cfg)
     log_dir = log_dir_for(cfg, storage, name)
     eval_cfg = dict(cfg.get("eval") or {})
-    if eval_cfg.get("cache_dir") and "://" not in eval_cfg["cache_dir"]:
-        eval_cfg["cache_dir"] = os.path.abspath(eval_cfg["cache_dir"])  # workers may run elsewhere
+    if eval_cfg.get("cache_dir"):
+        eval_cfg["cache_dir"] = absolute(eval_cfg["cache_dir"])  # workers may run elsewhere
+    ray_storage_path, ray_fs = ray_train_storage(storage, storage_settings)
     info = {"num_samples": int(num_samples), "num_shards": len(paths), "use_gpu": use_gpu,
             "storage_path": storage, "name": name, "log_dir": log_dir, "counter": counter,
             "data": data_cfg["train"], **plan}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": {**cfg, "data": data_cfg, "eval": eval_cfg}, "log_dir": log_dir, **plan},
+        train_loop_config={"cfg": {**cfg, "data": data_cfg, "eval": eval_cfg}, "log_dir": log_dir,
+                           "storage": storage_settings, **plan},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=sc.get("placement_strategy", "PACK")),
-        run_config=RunConfig(name=name, storage_path=storage,
+        run_config=RunConfig(name=name, storage_path=ray_storage_path, storage_filesystem=ray_fs,
                              failure_config=FailureConfig(max_failures=int(cfg["run"]["max_failures"])),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg["run"]["num_to_keep"])),
         datasets={"train": ds},
+        dataset_config=data_config(DataConfig, bool(data_cfg.get("deterministic", True))),
     )
     return trainer, info
+
+
+def data_config(DataConfig, deterministic: bool):
+    """How Ray Train splits the dataset over the workers. Deterministic (``data.deterministic``):
+    ordered execution and no locality-driven assignment of blocks to workers (which depends on
+    where and when blocks were produced), so each worker's rows are the same in every run."""
+    if not deterministic:
+        return DataConfig()
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options, enable_shard_locality=False)
 
 
 def train(cfg: dict, log=print) -> dict:
@@ -223,38 +278,42 @@ def train(cfg: dict, log=print) -> dict:
     import ray
 
     from curation.pipeline import init_ray
+    from curation.storage import Storage, is_remote
 
-    init_ray(cfg.get("ray") or {})
+    storage = Storage.capture(cfg.get("storage_options")).apply()
+    init_ray(cfg.get("ray") or {}, storage=storage)
     ray.data.DataContext.get_current().enable_progress_bars = bool(cfg.get("progress", False))
     started = time.time()
-    trainer, info = build_trainer(cfg, log=log)
+    trainer, info = build_trainer(cfg, log=log, storage=storage)
     log(f"training {cfg['model']['arch']} ({cfg.get('recipe', 'clip')}) on {info['num_samples']} samples "
         f"in {info['num_shards']} shards: {info['total_steps']} steps of {cfg['train']['batch_size']} "
         f"({info['steps_per_epoch']} per epoch), {cfg['scaling']['num_workers']} worker(s), "
         f"gpu={info['use_gpu']}; run {info['name']} in {info['storage_path']}")
     result = trainer.fit()
     skipped = ray.get(info["counter"].summary.remote())
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    if checkpoint and is_remote(info["storage_path"]):  # a path in the bucket's filesystem
+        checkpoint = info["storage_path"].split("://", 1)[0] + "://" + checkpoint.lstrip("/")
     summary = {
         "name": info["name"],
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoint": checkpoint,
         "metrics": result.metrics,
         "skipped_samples": skipped,
         "plan": {k: info[k] for k in ("num_samples", "steps_per_epoch", "total_steps", "local_batch_size")},
         "log_dir": info["log_dir"],
         "elapsed_s": round(time.time() - started, 1),
     }
-    Path(info["log_dir"]).mkdir(parents=True, exist_ok=True)
-    (Path(info["log_dir"]) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_text(f"{info['log_dir']}/summary.json", json.dumps(summary, indent=2, default=str), storage)
     if result.error:
         raise TrainError(f"training failed: {result.error}")
     return summary
 
 
 def format_eval(log_dir: str) -> str:
-    path = Path(log_dir) / "eval.json"
-    if not path.exists():
+    text = read_text(f"{log_dir}/eval.json")
+    if text is None:
         return "(no evaluation results)"
-    results = json.loads(path.read_text())
+    results = json.loads(text)
     try:
         from training.evaluate import format_results
     except ImportError:
@@ -274,7 +333,7 @@ def main(argv=None) -> int:
     print(f"\nrun {summary['name']}: {m.get('step')} steps in {summary['elapsed_s']}s, final loss "
           f"{m.get('train/loss', float('nan')):.4f}; skipped {s['skipped']} bad sample reads "
           f"({s['by_reason']})\ncheckpoint: {summary['checkpoint']}\nlogs: {summary['log_dir']}\n"
-          f"evaluation ({Path(summary['log_dir']) / 'eval.json'}):\n{format_eval(summary['log_dir'])}")
+          f"evaluation ({summary['log_dir']}/eval.json):\n{format_eval(summary['log_dir'])}")
     return 0
 
 
