@@ -63,7 +63,8 @@ class SeaweedS3:
                f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer.grpc']}",
                f"-iam.port={ports['iam']}", f"-debug.port={ports['debug']}",
                f"-metricsPort={ports['metrics']}", "-master.volumeSizeLimitMB=64",
-               "-volume.max=0", "-master.telemetry=false"]
+               "-volume.max=0", "-master.telemetry=false",
+               "-s3.port.iceberg=0", "-s3.port.lance=0"]  # fixed ports by default: two servers clash
         self.log = open(os.path.join(self.dir, "weed.log"), "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
