@@ -1,12 +1,19 @@
-"""Evaluate an open_clip checkpoint: zero-shot, retrieval, linear probe and few-shot probes.
+"""Evaluate a checkpoint: zero-shot, retrieval, linear probe and few-shot probes.
 
+    python pipelines/evaluate.py CHECKPOINT_FOLDER [key=value ...]          # a trainer checkpoint
+    python pipelines/evaluate.py s3://bucket/runs/RUN/checkpoint_000003/    # ... in object storage
     python pipelines/evaluate.py CHECKPOINT --arch ViT-B-32 [--config FILE] [key=value ...]
     python pipelines/evaluate.py CHECKPOINT --model-config my_model.json eval.datasets=[digits]
 
-CHECKPOINT is an open_clip checkpoint (a file with "state_dict", as open_clip_train and this
-project's trainer save it, or a bare state dict). ``--arch`` is an open_clip architecture name;
-``--model-config`` a JSON model config (as in open_clip's model_configs/) registered under its
-file name. Prints the tables and writes the results as JSON (``eval.output``).
+CHECKPOINT is a local path or an fsspec URL (``s3://...``: the standard AWS_* variables and the
+config's ``storage_options`` apply). A trainer checkpoint folder is evaluated as the model that
+was trained: the recipe's model is rebuilt from ``meta.json`` and ``train_state.pt``, so CLIP 🚀
+gets its weak, strong and ensemble embeddings and the numbers equal the trainer's end-of-training
+evaluation (``--open-clip`` evaluates the folder's ``open_clip.pt`` instead). Any other file is
+an open_clip checkpoint (a file with "state_dict", as open_clip_train saves it, or a bare state
+dict): ``--arch`` is an open_clip architecture name, ``--model-config`` a JSON model config
+registered under its file name. Files are read with ``weights_only=True`` (no arbitrary
+unpickling). Prints the tables and writes the results as JSON (``eval.output``).
 """
 
 import argparse
@@ -22,73 +29,108 @@ from curation.config import CONFIG_DIR, ConfigError, build_config  # noqa: E402
 DEFAULT = CONFIG_DIR / "eval" / "default.yaml"
 
 
-def load_embedder(checkpoint: str, arch: str | None = None, model_config: str | None = None,
-                  device: str = "auto"):
-    """An :class:`OpenClipEmbedder` for ``checkpoint``; returns (embedder, image_size)."""
-    import open_clip
+def _device(device: str) -> str:
     import torch
 
-    from training.evaluate import OpenClipEmbedder
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _image_size(model) -> int:
+    size = model.visual.image_size
+    return size[0] if isinstance(size, (tuple, list)) else int(size)
+
+
+def load_embedder(checkpoint: str, arch: str | None = None, model_config: str | None = None,
+                  device: str = "auto", open_clip_only: bool = False):
+    """The evaluation embedder for ``checkpoint`` (path or URL); returns (embedder, image_size).
+
+    A trainer checkpoint folder with a training config in its ``meta.json`` gives the recipe's own
+    embedder (unless ``arch``/``model_config``/``open_clip_only``); everything else an
+    :class:`OpenClipEmbedder` over the open_clip weights.
+    """
+    import open_clip
+
+    from training import checkpoint as ck
+    from training.evaluate import OpenClipEmbedder, preprocess_size
     from training.model import register_model_configs
 
     register_model_configs()  # the project's tiny architectures (configs/models/*.json)
-    if Path(checkpoint).is_dir() and (Path(checkpoint) / "open_clip.pt").is_file():
-        folder = Path(checkpoint)  # a trainer checkpoint folder: its meta.json names the arch
-        checkpoint = str(folder / "open_clip.pt")
-        if not arch and not model_config and (folder / "meta.json").is_file():
-            arch = json.loads((folder / "meta.json").read_text()).get("arch")
-    if model_config:
-        if not Path(model_config).is_file():
-            raise ValueError(f"model config not found: {model_config}")
-        open_clip.add_model_config(model_config)
-        arch = arch or Path(model_config).stem
-    if not arch:
-        raise ValueError("give the architecture: --arch NAME or --model-config FILE")
-    if arch not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip architecture {arch!r}")
-    if not Path(checkpoint).is_file():
-        raise ValueError(f"checkpoint not found: {checkpoint}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, _, preprocess = open_clip.create_model_and_transforms(arch, device=device)
+    device = _device(device)
     try:
-        incompatible = open_clip.load_checkpoint(model, checkpoint, strict=False, device=device)
-    except Exception as exc:  # unpicklable / not a checkpoint / wrong shapes
-        raise ValueError(f"cannot load {checkpoint} into {arch}: {exc}") from None
+        folder = ck.is_dir(checkpoint)
+        if folder and not (arch or model_config or open_clip_only) and ck.exists(ck.join(checkpoint, ck.STATE_FILE)) \
+                and ck.exists(ck.join(checkpoint, ck.META_FILE)) and ck.read_meta(checkpoint).get("config"):
+            recipe, model, _ = ck.load_trained_model(checkpoint, device=device)
+            embedder = recipe.embedder(model, device=device)
+            return embedder, preprocess_size(embedder.preprocess)
+        file = ck.open_clip_file(checkpoint) if folder else str(checkpoint)
+        if not ck.exists(file):
+            raise ValueError(f"checkpoint not found: {file}")
+        if model_config:
+            if not Path(model_config).is_file():
+                raise ValueError(f"model config not found: {model_config}")
+            open_clip.add_model_config(model_config)
+            arch = arch or Path(model_config).stem
+        if not arch and not ck.exists(ck.join(file.rsplit("/", 1)[0] if "/" in file else ".", ck.META_FILE)):
+            raise ValueError("give the architecture: --arch NAME or --model-config FILE")
+        arch = ck.open_clip_arch(file, arch)
+        if arch not in open_clip.list_models():
+            raise ValueError(f"unknown open_clip architecture {arch!r}")
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, device=device)
+        state = ck.load_open_clip_state(file)
+    except ck.UnsafeCheckpointError:
+        raise
+    except (OSError, KeyError) as exc:
+        raise ValueError(f"cannot read {checkpoint}: {type(exc).__name__}: {exc}") from None
+    try:
+        incompatible = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # wrong shapes
+        raise ValueError(f"cannot load {checkpoint} into {arch}: {str(exc)[:500]}") from None
     if incompatible.missing_keys:
         raise ValueError(f"{checkpoint} does not fit {arch}: {len(incompatible.missing_keys)} missing "
                          f"weights (e.g. {incompatible.missing_keys[:3]})")
     if incompatible.unexpected_keys:
         print(f"note: ignoring {len(incompatible.unexpected_keys)} checkpoint weights not in {arch} "
               f"(e.g. {incompatible.unexpected_keys[:3]})")
-    size = model.visual.image_size
-    image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
-    return OpenClipEmbedder(model, preprocess, open_clip.get_tokenizer(arch), name="clip"), image_size
+    return OpenClipEmbedder(model, preprocess, open_clip.get_tokenizer(arch), name="clip"), _image_size(model)
+
+
+def _output_name(checkpoint: str) -> str:
+    parts = [p for p in str(checkpoint).rstrip("/").split("/") if p]
+    return Path(parts[-1]).stem if parts else "checkpoint"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="open_clip checkpoint file")
+    parser.add_argument("checkpoint", help="trainer checkpoint folder or open_clip checkpoint file (path or URL)")
     parser.add_argument("--arch", help="open_clip architecture name, e.g. ViT-B-32")
     parser.add_argument("--model-config", help="open_clip model config JSON (architecture = file name)")
+    parser.add_argument("--open-clip", action="store_true",
+                        help="evaluate a checkpoint folder's open_clip.pt, not the trained model")
     parser.add_argument("--config", help=f"YAML merged over {DEFAULT.relative_to(CONFIG_DIR.parent)}")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_intermixed_args(argv)
     try:
-        cfg = build_config(DEFAULT, args.config, args.overrides)["eval"]
+        full = build_config(DEFAULT, args.config, args.overrides)
     except ConfigError as exc:
         parser.error(str(exc))
+    cfg = full["eval"]
 
+    from curation.storage import Storage
     from training.evaluate import format_results, run_evaluation
 
+    Storage.capture(full.get("storage_options")).apply()  # AWS_* variables + storage_options for s3://
     try:
-        embedder, image_size = load_embedder(args.checkpoint, args.arch, args.model_config, cfg["device"])
+        embedder, image_size = load_embedder(args.checkpoint, args.arch, args.model_config, cfg["device"],
+                                             open_clip_only=args.open_clip)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     results = run_evaluation(embedder, cfg, image_size=image_size)
     print(format_results(results))
-    out = Path(cfg["output"] or f"outputs/eval/{Path(args.checkpoint).stem}.json")
+    out = Path(cfg["output"] or f"outputs/eval/{_output_name(args.checkpoint)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "arch": args.arch or args.model_config,
                                "config": cfg, "results": results}, indent=2))

@@ -309,7 +309,13 @@ def load_state_dict_file(path: str) -> dict:
 
         sd = load_file(path, device="cpu")
     else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        import pickle
+
+        try:  # tensors and plain containers only: a crafted pickle is refused, never run
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise TeacherError(f"refusing to load {path}: it holds objects other than tensors and plain "
+                               f"containers (read with weights_only=True): {str(exc).splitlines()[0]}") from None
     for wrapper in ("state_dict", "model", "state_dict_ema"):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]

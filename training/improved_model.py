@@ -294,6 +294,78 @@ class ImprovedCLIP(nn.Module):
         return out
 
 
+    # ---- the open_clip export (checkpoint's open_clip.pt) -------------------------------------
+    @torch.no_grad()
+    def open_clip_export(self) -> dict:
+        """What ``open_clip.pt`` holds for this model: the open_clip towers with the weak linear
+        projector folded into their output projections, so that a plain open_clip model computes
+        the *weak* embedding (the recipe's default), and the weak logit scale as ``logit_scale``.
+
+        Returns ``{"state_dict", "model_cfg", "name", "folded", "holds"}``: ``model_cfg`` is the
+        open_clip model config of that state (the architecture's, with the recipe's
+        ``text_cfg``/``vision_cfg`` overrides and ``embed_dim = proj_dim`` when folded), ``name``
+        the architecture name it is saved under. When a tower's output projection is not a plain
+        linear map (e.g. an MLP head) the projector cannot be folded: the state is the towers
+        alone (``folded`` False) and ``holds`` says so. The strong MLP projector (BatchNorm,
+        ReLU) is never foldable; the trainer checkpoint folder keeps it (``train_state.pt``).
+        """
+        import copy
+
+        from training.model import model_config
+
+        state = {k: v.detach().cpu().clone() for k, v in self.clip.state_dict().items()}
+        cfg = copy.deepcopy(model_config(self.arch)) if self.arch else {}
+        for key, value in (getattr(self, "tower_overrides", None) or {}).items():
+            cfg[key] = copy.deepcopy(dict(value))
+        image_fold = _fold_projection(self.clip, state, _IMAGE_PROJECTIONS, self.image_proj.weight.detach().cpu())
+        text_fold = _fold_projection(self.clip, state, _TEXT_PROJECTIONS, self.text_proj.weight.detach().cpu())
+        if image_fold is not None and text_fold is not None:
+            state.update(image_fold)
+            state.update(text_fold)
+            if "logit_scale" in state:
+                state["logit_scale"] = self.log_scale.detach().cpu().clamp(max=math.log(self.max_logit_scale)).clone()
+            cfg["embed_dim"] = int(self.cfg["proj_dim"])
+            name = f"{self.arch}-clip-rocket-weak"
+            holds = ("the open_clip towers with the weak linear projector folded into their output "
+                     f"projections (embed_dim {cfg['embed_dim']}) and the weak logit scale: open_clip "
+                     "computes the recipe's weak embedding")
+            return {"state_dict": state, "model_cfg": cfg, "name": name, "folded": True, "holds": holds}
+        name = f"{self.arch}-clip-rocket-towers"
+        holds = ("the open_clip towers WITHOUT the recipe's projectors (a tower's output projection is not "
+                 "a plain linear map, so the weak projector could not be folded into it): open_clip "
+                 "computes the towers' features, not the trained embeddings; evaluate the checkpoint "
+                 "folder instead")
+        return {"state_dict": state, "model_cfg": cfg, "name": name, "folded": False, "holds": holds}
+
+
+# (module path, attribute) of open_clip's output projections: ViT / ModifiedResNet / timm image
+# towers; CLIP / CustomTextCLIP / HF text towers
+_IMAGE_PROJECTIONS = (("visual", "proj"), ("visual.attnpool", "c_proj"), ("visual.head", "proj"))
+_TEXT_PROJECTIONS = (("", "text_projection"), ("text", "text_projection"), ("text", "proj"))
+
+
+def _fold_projection(clip: nn.Module, state: dict, candidates, weight: torch.Tensor) -> dict | None:
+    """State-dict entries of the first linear output projection among ``candidates`` composed with
+    ``weight`` [P, E] (a bias-free linear map applied after it); None when none is linear."""
+    for path, attr in candidates:
+        try:
+            owner = clip.get_submodule(path) if path else clip
+            proj = getattr(owner, attr)
+        except AttributeError:
+            continue
+        key = f"{path}.{attr}" if path else attr
+        if isinstance(proj, nn.Parameter) and proj.ndim == 2 and proj.shape[1] == weight.shape[1]:
+            return {key: state[key] @ weight.T}  # x @ P -> x @ P @ W^T
+        if isinstance(proj, nn.Linear) and proj.out_features == weight.shape[1]:
+            out = {f"{key}.weight": weight @ state[f"{key}.weight"]}
+            if proj.bias is not None:
+                out[f"{key}.bias"] = weight @ state[f"{key}.bias"]
+            return out
+        if proj is not None:
+            return None  # an MLP or other head: not foldable
+    return None
+
+
 def _stack_views(views, name: str) -> tuple[torch.Tensor, int]:
     """Views as a list of ``n`` tensors [B, ...] or one tensor [B, n, ...] -> ([n*B, ...], n),
     view-major (view 0 of every sample first)."""

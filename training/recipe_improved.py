@@ -402,8 +402,11 @@ class ImprovedRecipe(ClipRecipe):
         from training.model import create_clip
 
         m = self.cfg["model"]
-        clip = create_clip(self.arch, init_checkpoint=m.get("init_checkpoint"), **self.tower_kwargs())
+        towers = self.tower_kwargs()
+        clip = create_clip(self.arch, init_checkpoint=m.get("init_checkpoint"), **towers)
         model = ImprovedCLIP(clip, m.get("improved") or {}, arch=self.arch)
+        model.tower_overrides = towers      # in the exported open_clip model config
+        model.train_config = self.cfg       # in meta.json: evaluate.py rebuilds this model
         return to_sync_batchnorm(model, m.get("sync_bn", "auto"))
 
     def build_loss(self, model: nn.Module) -> nn.Module:

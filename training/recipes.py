@@ -110,7 +110,9 @@ class ClipRecipe(Recipe):
 
         m = self.cfg["model"]
         clip = create_clip(self.arch, init_checkpoint=m.get("init_checkpoint"))
-        return ClipModel(clip, self.arch)
+        model = ClipModel(clip, self.arch)
+        model.train_config = self.cfg  # in meta.json: evaluate.py rebuilds this model
+        return model
 
     def build_loss(self, model: nn.Module) -> Callable:
         return ClipLossModule(self.cfg["loss"].get("label_smoothing", 0.0))
