@@ -413,6 +413,22 @@ def test_ray_train_run_with_byolip_on_two_workers(ray_session, registered, tmp_p
     text = json.dumps(results)
     for name in ("weak", "strong", "ensemble_w0.1", "ensemble_w0.5", "ensemble_w0.9"):
         assert f'"{name}"' in text, name
+    # pipelines/evaluate.py on the run's checkpoint folder evaluates the model that was trained:
+    # the same numbers as the end-of-training evaluation (issue 13 item 5)
+    import importlib.util
+
+    from curation.config import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("evaluate_job", REPO_ROOT / "pipelines" / "evaluate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    out = tmp_path / "evaluate.json"
+    assert job.main([summary["checkpoint"], "eval.datasets=[digits]", "eval.max_samples=60",
+                     "eval.linear_probe.enabled=false", "eval.retrieval=false", "eval.fewshot.enabled=false",
+                     f"eval.output={out}"]) == 0
+    again = json.loads(out.read_text())["results"]["digits"]
+    assert {k: v for k, v in again.items() if k != "elapsed_s"} == \
+        {k: v for k, v in results["digits"].items() if k != "elapsed_s"}
 
 
 def test_missing_thesaurus_fails_before_training(registered, tmp_path):
