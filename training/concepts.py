@@ -327,6 +327,67 @@ def load_state_dict_file(path: str) -> dict:
     return sd
 
 
+def torchvision_kwargs(sd: dict) -> dict:
+    """Constructor arguments of a torchvision classifier that fit the state dict ``sd``:
+    ``num_classes`` from its classifier, and for a ViT ``image_size`` from its position
+    embeddings (SWAG ViT-H/14: 37 x 37 patches of 14 px + the class token -> 518)."""
+    import math
+
+    kwargs = {}
+    heads = [k for k, v in sd.items() if k.endswith(".weight") and getattr(v, "ndim", 0) == 2
+             and k.split(".")[0] in ("heads", "fc", "classifier", "head")]
+    if heads:
+        kwargs["num_classes"] = int(sd[heads[-1]].shape[0])
+    pos, patch = sd.get("encoder.pos_embedding"), sd.get("conv_proj.weight")
+    if pos is not None and patch is not None:
+        grid = math.isqrt(int(pos.shape[1]) - 1)
+        kwargs["image_size"] = grid * int(patch.shape[-1])
+    return kwargs
+
+
+def torchvision_teacher(name: str, sd: dict, ckpt: str = "weights"):
+    """``(model, preprocess, dropped head name)``: torchvision model ``name`` with the weights
+    ``sd`` (strict), its last ``nn.Linear`` (the classifier) replaced by the identity, and
+    torchvision's preprocessing for weights of its image size. Nothing is downloaded."""
+    import torch.nn as nn
+    import torchvision
+
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError:
+        raise TeacherError(f"teacher.name {name!r} is not a torchvision model "
+                           f"(e.g. {', '.join(torchvision.models.list_models()[:5])}, ...)") from None
+    kwargs = torchvision_kwargs(sd)
+    try:
+        model = builder(weights=None, **kwargs)
+        model.load_state_dict(sd, strict=True)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise TeacherError(f"{ckpt} does not fit torchvision model {name}: {str(exc)[:500]}") from exc
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise TeacherError(f"torchvision model {name} has no linear classifier to drop")
+    head = linears[-1]
+    parent, _, child = head.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+    return model, torchvision_preprocess(name, kwargs.get("image_size")), head
+
+
+def torchvision_preprocess(name: str, image_size: int | None = None):
+    """torchvision's own eval transform for ``name``'s weights of ``image_size`` (the first
+    weights entry when None; SWAG E2E ViT-H/14 at 518: bicubic resize + centre crop to 518)."""
+    import torchvision
+    from torchvision.transforms._presets import ImageClassification
+
+    try:
+        entries = list(torchvision.models.get_model_weights(name))
+    except ValueError:
+        entries = []
+    for entry in entries:
+        if image_size is None or entry.transforms.keywords.get("crop_size") == image_size:
+            return entry.transforms()
+    return ImageClassification(crop_size=image_size or 224, resize_size=image_size or 256)
+
+
 def load_teacher(cfg: dict, device: str = "cpu") -> Teacher:
     """Load the frozen teacher described by the ``teacher`` config section.
 
@@ -337,6 +398,13 @@ def load_teacher(cfg: dict, device: str = "cpu") -> Teacher:
     * ``kind: timm``: ``name`` (any timm model) built with ``pretrained=False, num_classes=0``
       and ``checkpoint`` (a local weights file); the classifier head's weights, if present, are
       ignored. Features: the pooled pre-logits.
+    * ``kind: torchvision``: ``name`` (a torchvision classification model, e.g. ``vit_h_14``,
+      ``resnet50``) built with ``weights=None`` and ``checkpoint`` (a local weights file, e.g.
+      torchvision's own ``vit_h_14_swag-80465313.pth``, DiHT's SWAG ViT-H/14 teacher at 518 px).
+      The architecture follows the file (number of classes; a ViT's image size from its
+      position embeddings); preprocessing is torchvision's own for the weights of that image
+      size (SWAG E2E: bicubic resize + centre crop to 518); features: the penultimate layer (the
+      last ``nn.Linear``, the classifier, replaced by the identity).
 
     ``precision`` (fp32, fp16, bf16) casts the teacher's weights (half precision for large
     teachers on GPUs); features are returned as float32.
@@ -393,8 +461,19 @@ def load_teacher(cfg: dict, device: str = "cpu") -> Teacher:
         preprocess = timm.data.create_transform(**data_cfg, is_training=False)
         model = model.to(device, dtypes[precision])
         desc = {"kind": kind, "name": name, "checkpoint": os.path.basename(ckpt)}
+    elif kind == "torchvision":
+        name = cfg.get("name")
+        if not name:
+            raise TeacherError("teacher.name must name a torchvision classification model (e.g. vit_h_14)")
+        try:
+            sd = load_state_dict_file(ckpt)
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise TeacherError(f"cannot read {ckpt}: {type(exc).__name__}: {str(exc)[:500]}") from exc
+        model, preprocess, head = torchvision_teacher(name, sd, ckpt)
+        model = model.to(device, dtypes[precision])
+        desc = {"kind": kind, "name": name, "checkpoint": os.path.basename(ckpt), "dropped_head": head}
     else:
-        raise TeacherError(f"teacher.kind must be open_clip or timm, not {kind!r}")
+        raise TeacherError(f"teacher.kind must be open_clip, timm or torchvision, not {kind!r}")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
