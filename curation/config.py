@@ -71,14 +71,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(config: Mapping, overrides: Iterable[str]) -> dict:
-    out = copy.deepcopy(dict(config))
+    """Apply ``key.sub=value`` overrides (later ones win). They are gathered first and merged
+    once, so several overrides may fill the same free-form section (e.g. ``storage_options``)."""
+    gathered: dict = {}
     for text in overrides:
         path, value = parse_override(text)
         nested: Any = value
         for part in reversed(path):
             nested = {part: nested}
-        out = deep_merge(out, nested)
-    return out
+        gathered = deep_merge(gathered, nested, strict=False)
+    return deep_merge(copy.deepcopy(dict(config)), gathered)
 
 
 def build_config(default: str | Path, user_file: str | Path | None = None,

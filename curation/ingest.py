@@ -43,6 +43,8 @@ ROW_SCHEMA = pa.schema([
     ("image_bytes", pa.int64()),
     ("image", pa.binary()),
     ("shard_rows", pa.int64()),
+    ("row_index", pa.int64()),     # position in the shard's stream (orders the output shard)
+    ("meta_json", pa.binary()),    # the sample's metadata (KEY.json / parquet columns), as read
 ])
 
 PARQUET_IMAGE_COLUMNS = ("jpg", "png", "webp")
@@ -132,18 +134,19 @@ def decode_caption(raw, max_chars: int) -> tuple[str | None, str | None]:
 
 
 def make_row(key, shard, url=None, caption=None, status=PENDING, error=None, image=None,
-             image_format=None, width=None, height=None) -> dict:
+             image_format=None, width=None, height=None, meta_json=None) -> dict:
     return {"key": key, "shard": shard, "url": url, "caption": caption, "status": status,
             "error": error, "width": width, "height": height, "image_format": image_format,
             "image_bytes": None if image is None else len(image), "image": image,
-            "shard_rows": None}
+            "shard_rows": None, "row_index": None, "meta_json": meta_json}
 
 
 def sample_row(key: str, shard: str, raw_caption, image: bytes | None, image_ext: str | None,
-               url: str | None, opts: IngestOptions) -> dict:
+               url: str | None, opts: IngestOptions, meta_json: bytes | None = None) -> dict:
     """One input sample that was downloaded: validate its caption and image."""
     caption, err = decode_caption(raw_caption, opts.max_caption_chars)
-    row = make_row(key, shard, url=url, caption=caption, image=image, image_format=image_ext)
+    row = make_row(key, shard, url=url, caption=caption, image=image, image_format=image_ext,
+                   meta_json=meta_json)
     if image is None:
         err = err or "sample has no image"
     else:
@@ -153,13 +156,14 @@ def sample_row(key: str, shard: str, raw_caption, image: bytes | None, image_ext
         except BadImage as exc:
             err = err or str(exc)
     if err:
-        row["status"], row["error"], row["image"] = ERROR, err, None
+        row["status"], row["error"], row["image"], row["meta_json"] = ERROR, err, None, None
     return row
 
 
 def _batched(rows: Iterator[dict], n: int) -> Iterator[pa.Table]:
     buf = []
-    for row in rows:
+    for i, row in enumerate(rows):
+        row["row_index"] = i
         buf.append(row)
         if len(buf) >= n:
             yield pa.Table.from_pylist(buf, schema=ROW_SCHEMA)
@@ -232,7 +236,8 @@ def _webdataset_rows(shard: InputShard, opts: IngestOptions) -> Iterator[dict]:
                     url = None
             ext, image = image_entry(sample)
             raw_caption = sample.get("txt", m.get("caption"))
-            yield sample_row(key, shard.name, raw_caption, image, ext, url, opts)
+            yield sample_row(key, shard.name, raw_caption, image, ext, url, opts,
+                             meta_json=sample.get("json"))
     tar_error = f"{shard.name}.tar unreadable: {tar_errors[0]}" if tar_errors else None
     for key, m in meta.items():
         if key in seen:
@@ -268,8 +273,11 @@ def _parquet_rows(shard: InputShard, opts: IngestOptions) -> Iterator[dict]:
                                    status=NOT_DOWNLOADED,
                                    error=r.get("error_message") or "no image bytes")
                 else:
+                    meta = {k: v for k, v in r.items()
+                            if k != image_col and not isinstance(v, (bytes, bytearray))}
                     yield sample_row(key, shard.name, raw_caption, r[image_col], image_col,
-                                     r.get("url"), opts)
+                                     r.get("url"), opts,
+                                     meta_json=json.dumps(meta, default=str).encode("utf-8"))
 
 
 def read_shard(shard: InputShard, opts: IngestOptions) -> Iterator[pa.Table]:
@@ -286,6 +294,7 @@ def read_shard(shard: InputShard, opts: IngestOptions) -> Iterator[pa.Table]:
     except Exception as exc:  # e.g. an unreadable parquet file
         err = make_row(f"{shard.name}/unreadable", shard.name, status=ERROR,
                        error=f"cannot read shard {shard.name}: {type(exc).__name__}: {exc}")
+        err["row_index"] = count
         count += 1
         yield pa.Table.from_pylist([err], schema=ROW_SCHEMA)
     yield end_marker(shard.name, count)

@@ -1,17 +1,28 @@
 """The curation output folder: kept pairs as webdataset shards, one stats row per input sample.
 
-Layout under the output root::
+Layout under the output root (a local folder or any fsspec URL, e.g. ``s3://bucket/cat``)::
 
-    shards/NNNNN.tar      kept samples of input shard NNNNN (original image bytes, txt, json)
-    shards/sizes.json     {"NNNNN.tar": kept count}: open_clip's sample count file
-    stats/NNNNN.parquet   one row per input sample of shard NNNNN (every status)
-    summary.json          the funnel, resolved config, model versions, elapsed time
-    _tmp/                 files being written; never read
+    shards/NNNNN.tar          kept samples of input shard NNNNN (original image bytes, txt, json)
+    shards/sizes.json         {"NNNNN.tar": kept count}: open_clip's sample count file
+    stats/NNNNN.parquet       one row per input sample of shard NNNNN (every status)
+    shard_summaries/NNNNN.json  the shard's counts (funnel, kept, bytes), written at commit
+    summary.json              the funnel, resolved config, model versions, elapsed time
+    _tmp/                     files being written; never read as output
 
-An output shard is committed when its stats file exists. The tar is written under ``_tmp/`` and
-renamed into ``shards/`` first, then the stats file is written (also via ``_tmp/``), so an
-interrupted run never leaves a partial tar under ``shards/`` and a re-run redoes exactly the
-shards without stats.
+Writing happens in the cluster, never on the driver: the pipeline's last stage writes each block
+of decided rows as a *part* (``_tmp/parts/NNNNN/FIRST-LAST.{tar,parquet}``, named by the rows'
+positions in the input shard, so a retried task overwrites rather than duplicates), and the task
+whose part completes a shard *finalizes* it: it concatenates the parts in input order into
+``shards/NNNNN.tar``, writes ``shard_summaries/NNNNN.json``, and commits by writing
+``stats/NNNNN.parquet`` last.
+
+**Commit rule:** a shard is committed exactly when its stats object exists. Nothing relies on an
+atomic rename: on object storage each file is one PUT that becomes visible whole, and the stats
+object is written after everything else of its shard; on a local disk files are renamed into
+place. An interrupted run leaves at most a tar or summary without stats, which the re-run
+overwrites, so a re-run never duplicates or loses samples. End-of-job aggregates (funnel,
+``sizes.json``) read the per-shard summaries, so the driver's work grows with the number of
+shards, never with the number of samples.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import tarfile
 import uuid
 from typing import Iterable
 
@@ -28,8 +40,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from webdataset import TarWriter
 
-from curation.ingest import (DROPPED, ERROR, KEPT, NOT_DOWNLOADED, PENDING, InputShard,
-                             iter_tar_samples)
+from curation.ingest import DROPPED, ERROR, KEPT, NOT_DOWNLOADED, PENDING, SHARD_END
+from curation.storage import is_remote
 
 FILTERS = ("complexity", "action", "text_spotting")
 
@@ -70,7 +82,13 @@ def decide(rows: pa.Table) -> pa.Table:
     False; a filter that is off or was not evaluated (None) does not drop. A pending sample that
     no text-spotting stage saw gets ``text_spotting_status`` "off".
     """
-    records = rows.to_pylist()
+    records = decide_records(rows.to_pylist())
+    records.sort(key=lambda r: (r["key"] is None, r["key"] or ""))
+    return pa.Table.from_pylist(records, schema=STATS_SCHEMA)
+
+
+def decide_records(records: list[dict]) -> list[dict]:
+    """:func:`decide` on row dicts, in place and in order (other fields are kept)."""
     for r in records:
         r.setdefault("drop_reason", None)
         if r["status"] != PENDING:
@@ -79,33 +97,50 @@ def decide(rows: pa.Table) -> pa.Table:
             r["text_spotting_status"] = OFF
         reason = next((f for f in FILTERS if r.get(f"passed_{f}") is False), None)
         r["status"], r["drop_reason"] = (DROPPED, reason) if reason else (KEPT, None)
-    records.sort(key=lambda r: (r["key"] is None, r["key"] or ""))
-    return pa.Table.from_pylist(records, schema=STATS_SCHEMA)
+    return records
 
 
 class OutputFolder:
+    PARTS = "_tmp/parts"
+
     def __init__(self, root: str):
         self.fs, self.root = fsspec.core.url_to_fs(root)
         self.url = root
+        self.remote = is_remote(root)
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
     def prepare(self) -> None:
-        for sub in ("shards", "stats", "_tmp"):
+        for sub in ("shards", "stats", "shard_summaries", "_tmp"):
             self.fs.makedirs(self.path(sub), exist_ok=True)
 
     def clean_tmp(self) -> None:
-        """Remove leftovers of an interrupted run."""
+        """Remove leftovers of an interrupted run (parts, half-written files)."""
         if self.fs.exists(self.path("_tmp")):
             self.fs.rm(self.path("_tmp"), recursive=True)
         self.fs.makedirs(self.path("_tmp"), exist_ok=True)
 
+    def _list(self, sub: str, suffix: str) -> list[str]:
+        """Names (without ``suffix``) under ``sub``: one listing call (paginated on S3)."""
+        folder = self.path(sub)
+        self.fs.invalidate_cache(folder)
+        try:
+            entries = self.fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(p)[: -len(suffix)] for p in entries if p.endswith(suffix))
+
     def committed(self) -> set[str]:
-        if not self.fs.exists(self.path("stats")):
-            return set()
-        return {posixpath.basename(p)[: -len(".parquet")]
-                for p in self.fs.ls(self.path("stats"), detail=False) if p.endswith(".parquet")}
+        return set(self._list("stats", ".parquet"))
+
+    def put(self, data: bytes, final: str) -> None:
+        """Write ``final`` so that readers see either nothing or the whole file."""
+        if self.remote:  # one PUT (or multipart upload) becomes visible only when complete
+            with self.fs.open(final, "wb") as f:
+                f.write(data)
+            return
+        self._commit(data, self.tmp_path(posixpath.basename(final)), final)
 
     def _commit(self, data: bytes | None, tmp: str, final: str) -> None:
         if data is not None:
@@ -117,14 +152,25 @@ class OutputFolder:
         return self.path("_tmp", f"{name}.{uuid.uuid4().hex}")
 
     def write_json(self, name: str, obj) -> None:
-        data = json.dumps(obj, indent=2, sort_keys=False).encode()
-        self._commit(data, self.tmp_path(posixpath.basename(name)), self.path(name))
+        self.put(json.dumps(obj, indent=2, sort_keys=False).encode(), self.path(name))
+
+    def read_json(self, name: str, default=None):
+        try:
+            with self.fs.open(self.path(name), "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return default
 
     def stats_files(self) -> list[str]:
-        return sorted(self.path("stats", f"{n}.parquet") for n in self.committed())
+        return [self.path("stats", f"{n}.parquet") for n in self._list("stats", ".parquet")]
 
-    def read_stats(self, columns: Iterable[str] | None = None) -> pa.Table:
-        files = self.stats_files()
+    def read_stats(self, columns: Iterable[str] | None = None, names: Iterable[str] | None = None) -> pa.Table:
+        """Stats rows of the given committed shards (all of them when ``names`` is None).
+
+        Tests and small outputs only: the job and the report never call this on a whole output.
+        """
+        files = (self.stats_files() if names is None
+                 else [self.path("stats", f"{n}.parquet") for n in names])
         if not files:
             return STATS_SCHEMA.empty_table()
         tables = []
@@ -133,78 +179,179 @@ class OutputFolder:
                 tables.append(pq.read_table(f, columns=list(columns) if columns else None))
         return pa.concat_tables(tables, promote_options="default")
 
+    def iter_summaries(self, names: Iterable[str], chunk: int = 2000) -> Iterable[dict]:
+        """The per-shard summaries of committed shards, fetched ``chunk`` at a time (concurrent
+        GETs on object storage). A shard committed by an older version without a summary gets
+        one computed from its stats file."""
+        names = sorted(names)
+        for i in range(0, len(names), chunk):
+            part = names[i:i + chunk]
+            paths = [self.path("shard_summaries", f"{n}.json") for n in part]
+            got = self.fs.cat(paths, on_error="omit")
+            got = {posixpath.basename(k): v for k, v in got.items()}
+            for n in part:
+                raw = got.get(f"{n}.json")
+                if raw is not None:
+                    yield json.loads(raw)
+                else:
+                    yield shard_summary(n, self.read_stats(names=[n]), tar_bytes=None)
+
+
+# --- writing one shard from parts (runs in Ray workers) -----------------------------------------
 
 def _sample_json(original: bytes | None, stats_row: dict) -> bytes:
     meta = {}
     if original:
         try:
             meta = json.loads(original)
-        except ValueError:
+        except (ValueError, RecursionError):
             meta = {"original_json_error": "unparseable json in the input sample"}
+        if not isinstance(meta, dict):
+            meta = {"original_json_error": "the input sample's json is not an object"}
     meta["cat"] = {k: stats_row[k] for k in SCORE_COLUMNS if stats_row.get(k) is not None}
-    return json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    try:
+        return json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError):  # e.g. nesting too deep to write back
+        return json.dumps({"original_json_error": "the input sample's json cannot be re-encoded",
+                           "cat": meta["cat"]}).encode("utf-8")
 
 
-def _kept_samples(shard: InputShard, kept: dict[str, dict]) -> Iterable[dict]:
-    """Re-read the input shard and yield the kept samples with their original bytes."""
-    if shard.format == "webdataset":
-        errors: list[str] = []
-        done = set()
-        for sample in iter_tar_samples(shard.data_url, errors):
-            key = posixpath.basename(sample["__key__"])
-            if key not in kept or key in done:
-                continue
-            done.add(key)
-            out = {k: v for k, v in sample.items() if not k.startswith("__")}
-            out["json"] = _sample_json(sample.get("json"), kept[key])
-            out["__key__"] = key
-            yield out
-        return
-    with fsspec.open(shard.data_url, "rb") as f:
-        pf = pq.ParquetFile(f)
-        names = pf.schema_arrow.names
-        image_col = next(c for c in ("jpg", "png", "webp") if c in names)
-        for batch in pf.iter_batches(batch_size=256):
-            for r in batch.to_pylist():
-                key = r.get("key")
-                if key not in kept:
-                    continue
-                meta = {k: v for k, v in r.items() if k != image_col and not isinstance(v, bytes)}
-                caption = kept[key]["caption"]
-                yield {"__key__": key, image_col: r[image_col], "txt": caption.encode("utf-8"),
-                       "json": _sample_json(json.dumps(meta).encode(), kept[key])}
+def kept_sample(row: dict) -> dict:
+    """The webdataset sample written for a kept row: its original image bytes, the caption, and
+    the original metadata with the CAT scores added under ``cat``."""
+    return {"__key__": row["key"], row["image_format"]: row["image"],
+            "txt": row["caption"].encode("utf-8"), "json": _sample_json(row.get("meta_json"), row)}
 
 
-def write_shard(shard: InputShard, rows: pa.Table, out_url: str) -> dict:
-    """Decide, write ``shards/NAME.tar`` with the kept samples, then commit ``stats/NAME.parquet``.
+def part_name(rows: list[dict]) -> str:
+    """A part's name from the positions of its rows in the input shard: a retried task writes
+    the same name (overwrites) instead of adding a duplicate."""
+    idx = [r["row_index"] for r in rows if r.get("row_index") is not None]
+    if not idx:  # rows made without positions (tests, old callers): name by content
+        import hashlib
 
-    Returns the shard's counts by status.
-    """
-    out = OutputFolder(out_url)
-    stats = decide(rows)
-    kept = {r["key"]: r for r in stats.filter(pc.equal(stats["status"], KEPT)).to_pylist()}
+        digest = hashlib.sha1("\n".join(sorted(str(r.get("key")) for r in rows)).encode()).hexdigest()
+        return f"k{digest[:16]}"
+    return f"{min(idx):09d}-{max(idx):09d}"
 
-    tmp_tar = out.tmp_path(f"{shard.name}.tar")
-    written = 0
-    with out.fs.open(tmp_tar, "wb") as f:
-        with TarWriter(f, encoder=False, mtime=0.0) as sink:
-            for sample in _kept_samples(shard, kept) if kept else ():
-                sink.write(sample)
-                written += 1
-    if written != len(kept):
-        out.fs.rm(tmp_tar)
-        raise RuntimeError(f"shard {shard.name}: {len(kept)} samples kept but {written} found when "
-                           "re-reading the input; did the input change during the run?")
-    out._commit(None, tmp_tar, out.path("shards", f"{shard.name}.tar"))
 
+def write_part(out: OutputFolder, shard: str, records: list[dict]) -> str:
+    """Decide one block of a shard's rows and write it as a part: the kept samples as a tar,
+    then the stats rows as parquet (the part exists once its parquet does). Returns its name."""
+    records = decide_records(records)
+    records.sort(key=lambda r: (r.get("row_index") is None, r.get("row_index") or 0))
+    name = part_name(records)
+    folder = out.path(out.PARTS, shard)
+    out.fs.makedirs(folder, exist_ok=True)
     buf = io.BytesIO()
-    pq.write_table(stats, buf)
-    out._commit(buf.getvalue(), out.tmp_path(f"{shard.name}.parquet"),
-                out.path("stats", f"{shard.name}.parquet"))
-    counts = {s: 0 for s in (KEPT, DROPPED, ERROR, NOT_DOWNLOADED)}
-    for s in stats["status"].to_pylist():
-        counts[s] = counts.get(s, 0) + 1
-    return {"shard": shard.name, "rows": stats.num_rows, **counts}
+    with TarWriter(buf, encoder=False, mtime=0.0) as sink:
+        for r in records:
+            if r["status"] == KEPT:
+                sink.write(kept_sample(r))
+    with out.fs.open(posixpath.join(folder, f"{name}.tar"), "wb") as f:
+        f.write(buf.getvalue())
+    table = pa.Table.from_pylist(records, schema=STATS_SCHEMA)
+    pbuf = io.BytesIO()
+    pq.write_table(table, pbuf)
+    with out.fs.open(posixpath.join(folder, f"{name}.parquet"), "wb") as f:
+        f.write(pbuf.getvalue())
+    return name
+
+
+def _copy_tar_members(src, sink: tarfile.TarFile) -> int:
+    n = 0
+    with tarfile.open(fileobj=src, mode="r|") as part:
+        for member in part:
+            data = part.extractfile(member) if member.isfile() else None
+            sink.addfile(member, data)
+            n += member.isfile()
+    return n
+
+
+def finalize_shard(out: OutputFolder, shard: str, expected_rows: int) -> dict:
+    """Concatenate a complete shard's parts into ``shards/NAME.tar``, write its summary, then
+    commit ``stats/NAME.parquet``; remove the parts. Returns the shard's summary."""
+    folder = out.path(out.PARTS, shard)
+    names = out._list(posixpath.join(out.PARTS, shard), ".parquet") if expected_rows else []
+    tables = []
+    for n in names:
+        with out.fs.open(posixpath.join(folder, f"{n}.parquet"), "rb") as f:
+            tables.append(pq.read_table(f))
+    stats = (pa.concat_tables(tables) if tables else STATS_SCHEMA.empty_table())
+    if stats.num_rows != expected_rows:
+        raise RuntimeError(f"shard {shard}: {stats.num_rows} rows in its parts, {expected_rows} "
+                           "read from the input")
+    order = pc.sort_indices(stats, sort_keys=[("key", "ascending", "at_end")])
+    stats = stats.take(order)
+    kept = int(pc.sum(pc.equal(stats["status"], KEPT)).as_py() or 0)
+
+    tar_final = out.path("shards", f"{shard}.tar")
+    target = tar_final if out.remote else out.tmp_path(f"{shard}.tar")
+    members = 0
+    with out.fs.open(target, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w|", format=tarfile.USTAR_FORMAT) as sink:
+            for n in names:
+                with out.fs.open(posixpath.join(folder, f"{n}.tar"), "rb") as src:
+                    members += _copy_tar_members(src, sink)
+    if not out.remote:
+        out.fs.mv(target, tar_final)
+    tar_bytes = out.fs.size(tar_final)
+    summary = shard_summary(shard, stats, tar_bytes=tar_bytes)
+    if kept and members < kept:
+        raise RuntimeError(f"shard {shard}: {kept} samples kept but {members} files in its parts")
+    out.write_json(posixpath.join("shard_summaries", f"{shard}.json"), summary)
+    pbuf = io.BytesIO()
+    pq.write_table(stats, pbuf)
+    out.put(pbuf.getvalue(), out.path("stats", f"{shard}.parquet"))  # the commit
+    try:
+        out.fs.rm(folder, recursive=True)
+    except FileNotFoundError:
+        pass
+    return summary
+
+
+def write_shard(name: str, rows: pa.Table, out_url: str) -> dict:
+    """Write and commit one whole shard from its rows (with ``image`` and ``meta_json`` for the
+    samples that may be kept), without Ray: one part, then :func:`finalize_shard`."""
+    out = OutputFolder(out_url)
+    records = [r for r in rows.to_pylist() if r.get("status") != SHARD_END]
+    if records:
+        write_part(out, name, records)
+    return finalize_shard(out, name, len(records))
+
+
+def shard_summary(shard: str, stats: pa.Table, tar_bytes: int | None) -> dict:
+    """A committed shard's counts: its funnel, kept samples, bytes of its tar and kept images."""
+    f = funnel(stats)
+    kept_mask = pc.equal(stats["status"], KEPT)
+    image_bytes = pc.sum(pc.if_else(kept_mask, stats["image_bytes"], 0)).as_py() if stats.num_rows else 0
+    return {"shard": shard, "rows": stats.num_rows, "kept": f["kept"], "funnel": f,
+            "tar_bytes": tar_bytes, "kept_image_bytes": int(image_bytes or 0)}
+
+
+def add_funnels(total: dict | None, f: dict) -> dict:
+    """Sum two funnels (every count is additive over shards)."""
+    if total is None:
+        return json.loads(json.dumps(f))
+    for k, v in f.items():
+        if isinstance(v, dict):
+            total[k] = add_funnels(total.get(k), v)
+        else:
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def aggregate(out: OutputFolder, names: Iterable[str]) -> tuple[dict, dict[str, int], dict]:
+    """``(funnel, sizes, totals)`` over the committed shards, from their per-shard summaries:
+    memory and time grow with the number of shards only."""
+    total, sizes_, totals = None, {}, {"shards": 0, "tar_bytes": 0, "kept_image_bytes": 0}
+    for s in out.iter_summaries(names):
+        total = add_funnels(total, s["funnel"])
+        sizes_[f"{s['shard']}.tar"] = int(s["kept"])
+        totals["shards"] += 1
+        totals["tar_bytes"] += int(s.get("tar_bytes") or 0)
+        totals["kept_image_bytes"] += int(s.get("kept_image_bytes") or 0)
+    return (total if total is not None else funnel(STATS_SCHEMA.empty_table())), sizes_, totals
 
 
 def funnel(stats: pa.Table) -> dict:
@@ -233,16 +380,6 @@ def funnel(stats: pa.Table) -> dict:
     out["kept"] = count(pc.equal(status, KEPT))
     out["dropped"] = {f: count(pc.equal(stats["drop_reason"], f)) for f in FILTERS}
     return out
-
-
-def sizes(stats: pa.Table) -> dict[str, int]:
-    kept = stats.filter(pc.equal(stats["status"], KEPT))
-    counts = {}
-    for shard in stats["shard"].unique().to_pylist():
-        counts[f"{shard}.tar"] = 0
-    for shard in kept["shard"].to_pylist():
-        counts[f"{shard}.tar"] += 1
-    return dict(sorted(counts.items()))
 
 
 def format_funnel(f: dict) -> str:

@@ -8,13 +8,16 @@ Stages (each one's parallelism and resources come from the config's ``stages`` s
 2. **caption** (actor pool; spaCy loaded once per actor): Complexity and Action scores.
 3. **ocr** (actor pool; the OCR reader built once per actor, on CPU or on ``num_gpus`` per
    actor): Text spotting, by default only for samples that passed C and A (the cascade;
-   ``filters.text_spotting.evaluate_all`` runs it on every sample). The last stage drops the
-   image bytes before rows reach the driver.
-4. The driver groups the small per-sample result rows by shard; when a shard is complete it
-   submits a **write** task that re-reads that input shard, copies the kept samples byte for
-   byte into ``shards/NAME.tar`` and commits ``stats/NAME.parquet``.
+   ``filters.text_spotting.evaluate_all`` runs it on every sample). Each stage drops the image
+   bytes of the samples it rejects, so only kept samples' bytes travel on.
+4. **write** (Ray tasks): each block of decided rows becomes a part of its shard under
+   ``_tmp/parts/``; a small tracker actor counts each shard's rows against the reader's marker,
+   and the task whose part completes a shard finalizes it (``shards/NAME.tar``, its summary,
+   then the commit, ``stats/NAME.parquet``). See :mod:`curation.output`.
 
-Output shard ``NAME`` matches input shard ``NAME``, so the brace range users gave
+The driver only starts the stages and receives one small result row per finalized shard: no
+per-sample data reaches it, and the end-of-job funnel and ``sizes.json`` add up per-shard
+summaries. Output shard ``NAME`` matches input shard ``NAME``, so the brace range users gave
 img2dataset's output also names the curated shards.
 """
 
@@ -26,15 +29,14 @@ import time
 from collections import defaultdict
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from curation.caption_filters import CaptionFilterConfig, CaptionScorer
 from curation.ingest import (ERROR, PENDING, SHARD_END, IngestOptions, InputShard, discover_shards,
                              read_shard)
 from curation.ocr import TextSpotter, TextSpottingConfig, make_backend, set_torch_threads
-from curation.storage import Storage, ray_env_vars
-from curation.output import (EVALUATED, NOT_EVALUATED, OutputFolder, format_funnel, funnel,
-                             sizes, write_shard)
+from curation.output import (EVALUATED, NOT_EVALUATED, OutputFolder, aggregate, finalize_shard,
+                             format_funnel, write_part)
+from curation.storage import Storage, is_remote, ray_env_vars
 
 
 class PipelineError(RuntimeError):
@@ -43,7 +45,9 @@ class PipelineError(RuntimeError):
 
 # --- stage functions (run inside Ray workers) ------------------------------------------------------
 
-def read_shards_batch(batch: pa.Table, opts: IngestOptions):
+def read_shards_batch(batch: pa.Table, opts: IngestOptions, storage: Storage | None = None):
+    if storage is not None:
+        storage.apply()
     for spec in batch.to_pylist():
         yield from read_shard(InputShard(**spec), opts)
 
@@ -67,22 +71,45 @@ def add_caption_scores(batch: pa.Table, scorer: CaptionScorer) -> pa.Table:
     return batch.append_column("passed_action", pa.array(cols["passed_action"], pa.bool_()))
 
 
-def drop_image(batch: pa.Table) -> pa.Table:
-    return batch.drop_columns(["image"]) if "image" in batch.column_names else batch
+PAYLOAD = ("image", "meta_json")  # what only a sample that may still be kept needs
+
+
+def still_alive(batch: pa.Table) -> list[bool]:
+    """Rows that may still be kept: pending, and no filter scored so far said no."""
+    status = batch["status"].to_pylist()
+    verdicts = [batch[c].to_pylist() for c in ("passed_complexity", "passed_action",
+                                                "passed_text_spotting") if c in batch.column_names]
+    return [s == PENDING and all(v[i] is not False for v in verdicts) for i, s in enumerate(status)]
+
+
+def prune_payload(batch: pa.Table, keep: list[bool]) -> pa.Table:
+    """Null the image bytes and metadata of rows that cannot be kept any more."""
+    for name in PAYLOAD:
+        if name in batch.column_names and not all(keep):
+            col = batch[name].to_pylist()
+            batch = batch.set_column(batch.schema.get_field_index(name), name,
+                                     pa.array([v if k else None for v, k in zip(col, keep)],
+                                              batch.schema.field(name).type))
+    return batch
 
 
 class CaptionFilterStage:
     """Ray Data actor: loads the spaCy pipeline once, then scores blocks of captions."""
 
-    def __init__(self, filters: dict, spacy_cfg: dict, keep_image: bool = False):
+    def __init__(self, filters: dict, spacy_cfg: dict, ocr_all: bool = False,
+                 storage: Storage | None = None):
+        if storage is not None:
+            storage.apply()
         self.scorer = CaptionScorer(CaptionFilterConfig.from_config(filters),
                                     model=spacy_cfg.get("model", "en_core_web_sm"),
                                     batch_size=int(spacy_cfg.get("batch_size", 256)))
-        self.keep_image = keep_image
+        self.ocr_all = ocr_all  # the OCR stage needs every pending row's image
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         batch = add_caption_scores(batch, self.scorer)
-        return batch if self.keep_image else drop_image(batch)
+        if self.ocr_all:
+            return batch
+        return prune_payload(batch, still_alive(batch))
 
 
 def needs_text_spotting(batch: pa.Table, evaluate_all: bool) -> list[int]:
@@ -96,7 +123,8 @@ def needs_text_spotting(batch: pa.Table, evaluate_all: bool) -> list[int]:
 
 
 def add_text_spotting(batch: pa.Table, spotter: TextSpotter) -> pa.Table:
-    """OCR the rows that need it; record the others as not evaluated; drop the image bytes.
+    """OCR the rows that need it; record the others as not evaluated; drop the image bytes of
+    the rows that cannot be kept.
 
     An image that cannot be decoded for OCR turns its row into a per-sample error.
     """
@@ -121,7 +149,7 @@ def add_text_spotting(batch: pa.Table, spotter: TextSpotter) -> pa.Table:
                       ("text_overlap", pa.float32()), ("passed_text_spotting", pa.bool_())):
         batch = batch.append_column(name, pa.array(cols[name], typ))
     batch = batch.append_column("text_spotting_status", pa.array(ts_status, pa.string()))
-    return drop_image(batch)
+    return prune_payload(batch, still_alive(batch))
 
 
 class TextSpottingStage:
@@ -129,7 +157,9 @@ class TextSpottingStage:
     in blocks of images."""
 
     def __init__(self, ts_cfg: dict, max_pixels: int, gpu: bool, torch_threads: int | None,
-                 ocr_batch_size: int):
+                 ocr_batch_size: int, storage: Storage | None = None):
+        if storage is not None:
+            storage.apply()
         set_torch_threads(torch_threads)
         cfg = TextSpottingConfig.from_config(ts_cfg)
         backend = make_backend(cfg.backend, languages=cfg.languages, gpu=gpu,
@@ -191,7 +221,69 @@ def ocr_rows_per_call(ocr_stage: dict) -> int:
     return GPU_OCR_ROWS if float(ocr_stage.get("num_gpus") or 0) > 0 else CPU_OCR_ROWS
 
 
-def build_dataset(pending: list[InputShard], cfg: dict):
+class ShardTracker:
+    """Ray actor (0 CPUs): counts each shard's rows as its parts are written and names the one
+    write call that completes it, so exactly one task finalizes each shard. It holds only the
+    shards in flight (part names and counts), never rows. A part written twice (a retried task)
+    counts once."""
+
+    def __init__(self):
+        self.parts = defaultdict(dict)   # shard -> {part name: rows}
+        self.expected = {}               # shard -> rows announced by the reader's marker
+        self.closed = set()
+
+    def add(self, shard: str, part: str | None, rows: int, expected: int | None) -> int | None:
+        """Record a part (and/or the marker); return the shard's row count when this call
+        completes it, else None."""
+        if shard in self.closed:
+            return None
+        if part is not None:
+            self.parts[shard][part] = rows
+        if expected is not None:
+            self.expected[shard] = expected
+        if shard in self.expected and sum(self.parts[shard].values()) == self.expected[shard]:
+            self.closed.add(shard)
+            self.parts.pop(shard, None)
+            return self.expected.pop(shard)
+        return None
+
+    def open_shards(self) -> list[str]:
+        return sorted((set(self.parts) | set(self.expected)) - self.closed)
+
+
+RESULT_SCHEMA = pa.schema([("shard", pa.string()), ("summary", pa.string()), ("error", pa.string())])
+
+
+def write_blocks(batch: pa.Table, out_url: str, tracker, storage: Storage | None = None) -> pa.Table:
+    """Write stage (Ray task): one part per shard present in the block; finalize the shards this
+    call completes. Returns one result row per finalized (or failed) shard, nothing per sample."""
+    import json
+
+    import ray
+
+    if storage is not None:
+        storage.apply()
+    out = OutputFolder(out_url)
+    by_shard = defaultdict(list)
+    for r in batch.to_pylist():
+        by_shard[r["shard"]].append(r)
+    results = []
+    for shard, records in by_shard.items():
+        rows = [r for r in records if r["status"] != SHARD_END]
+        expected = next((r["shard_rows"] for r in records if r["status"] == SHARD_END), None)
+        try:
+            part = write_part(out, shard, rows) if rows else None
+            complete = ray.get(tracker.add.remote(shard, part, len(rows), expected))
+            if complete is not None:
+                summary = finalize_shard(out, shard, complete)
+                results.append({"shard": shard, "summary": json.dumps(summary), "error": None})
+        except Exception as exc:  # noqa: BLE001 - the shard stays uncommitted; the job says so
+            results.append({"shard": shard, "summary": None, "error": f"{type(exc).__name__}: {exc}"})
+    return pa.Table.from_pylist(results, schema=RESULT_SCHEMA)
+
+
+def build_dataset(pending: list[InputShard], cfg: dict, out_url: str, tracker,
+                  storage: Storage | None = None):
     import ray
 
     stages, opts = cfg["stages"], IngestOptions.from_config(cfg["ingest"])
@@ -206,15 +298,16 @@ def build_dataset(pending: list[InputShard], cfg: dict):
     read_res = ({"num_cpus": cs["num_cpus"], "num_gpus": cs.get("num_gpus", 0)} if cap_cfg.enabled
                 else {"num_cpus": stages["read"]["num_cpus"]})
     ds = ray.data.from_items([s.to_dict() for s in pending], override_num_blocks=len(pending))
-    ds = ds.map_batches(read_shards_batch, fn_kwargs={"opts": opts}, batch_size=1,
-                        batch_format="pyarrow", concurrency=stages["read"].get("concurrency"),
-                        **read_res)
+    ds = ds.map_batches(read_shards_batch, fn_kwargs={"opts": opts, "storage": storage},
+                        batch_size=1, batch_format="pyarrow",
+                        concurrency=stages["read"].get("concurrency"), **read_res)
     reserved = 0.0 if cap_cfg.enabled else float(stages["read"]["num_cpus"])
     if cap_cfg.enabled:
         reserved = cs["actors"] * cs["num_cpus"]
         ds = ds.map_batches(CaptionFilterStage,
                             fn_constructor_kwargs={"filters": cfg["filters"], "spacy_cfg": cfg["spacy"],
-                                                   "keep_image": ts_cfg.enabled},
+                                                   "ocr_all": ts_cfg.enabled and ts_cfg.evaluate_all,
+                                                   "storage": storage},
                             batch_size=cs["batch_size"], batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(size=cs["actors"]),
                             num_cpus=cs["num_cpus"], num_gpus=cs.get("num_gpus", 0))
@@ -226,48 +319,35 @@ def build_dataset(pending: list[InputShard], cfg: dict):
                             fn_constructor_kwargs={"ts_cfg": cfg["filters"]["text_spotting"],
                                                    "max_pixels": opts.max_image_pixels,
                                                    "gpu": gpus > 0, "torch_threads": threads,
-                                                   "ocr_batch_size": os_["ocr_batch_size"]},
+                                                   "ocr_batch_size": os_["ocr_batch_size"],
+                                                   "storage": storage},
                             batch_size=ocr_rows_per_call(os_), batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(
                                 size=ocr_actor_count(os_, reserved)),
                             num_cpus=os_["num_cpus"], num_gpus=gpus)
-    elif not cap_cfg.enabled:
-        ds = ds.map_batches(drop_image, batch_format="pyarrow", batch_size=None,
-                            num_cpus=stages["read"]["num_cpus"])
-    return ds
+    ws = stages["write"]
+    return ds.map_batches(write_blocks, fn_kwargs={"out_url": out_url, "tracker": tracker,
+                                                   "storage": storage},
+                          batch_size=None, batch_format="pyarrow", num_cpus=ws["num_cpus"],
+                          concurrency=ws.get("concurrency"))
 
 
-class ShardCollector:
-    """Groups result rows by shard; a shard is complete once its marker's count has arrived."""
+def warn_local_paths_on_cluster(paths: dict[str, str], log=print) -> None:
+    """Local paths on a cluster of several nodes work only when every node mounts them."""
+    import ray
 
-    def __init__(self):
-        self.parts = defaultdict(list)
-        self.received = defaultdict(int)
-        self.expected = {}
-
-    def add(self, batch: pa.Table) -> list[tuple[str, pa.Table]]:
-        done = []
-        for name in batch["shard"].unique().to_pylist():
-            part = batch.filter(pc.equal(batch["shard"], name))
-            is_marker = pc.equal(part["status"], SHARD_END)
-            markers = part.filter(is_marker)
-            if markers.num_rows:
-                self.expected[name] = markers["shard_rows"][0].as_py()
-            rows = part.filter(pc.invert(is_marker))
-            if rows.num_rows:
-                self.parts[name].append(rows)
-                self.received[name] += rows.num_rows
-            if name in self.expected and self.received[name] == self.expected[name]:
-                tables = self.parts.pop(name, [])
-                done.append((name, pa.concat_tables(tables) if tables else None))
-        return done
-
-    def incomplete(self) -> list[str]:
-        return sorted(set(self.parts) | {n for n in self.received if n not in self.expected})
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    local = {k: v for k, v in paths.items() if v and not is_remote(v)}
+    if len(nodes) > 1 and local:
+        log("warning: " + ", ".join(f"{k}={v}" for k, v in local.items())
+            + f" is a local path on a {len(nodes)}-node Ray cluster: every node must see the same "
+            "folder (a shared mount), or use object storage (s3://...)")
 
 
 def curate(cfg: dict, log=print) -> dict:
     """Run the CAT filter job described by ``cfg``; returns the summary written to summary.json."""
+    import json
+
     import ray
 
     started = time.time()
@@ -275,6 +355,7 @@ def curate(cfg: dict, log=print) -> dict:
         TextSpottingConfig.from_config(cfg["filters"]["text_spotting"])
     except ValueError as exc:
         raise PipelineError(str(exc)) from None
+    storage = Storage.capture(cfg.get("storage_options")).apply()
     input_url = cfg.get("input")
     if not input_url:
         from curation.demo_data import build_demo_dataset
@@ -282,7 +363,8 @@ def curate(cfg: dict, log=print) -> dict:
         input_url = build_demo_dataset(cfg["demo"]["output"], **{k: v for k, v in cfg["demo"].items() if k != "output"})
         log(f"no input given: using the embedded demo dataset at {input_url}")
     shards = discover_shards(input_url, cfg.get("input_format", "auto"))
-    out = OutputFolder(cfg["output"])
+    out_url = cfg["output"] if is_remote(cfg["output"]) else os.path.abspath(cfg["output"])
+    out = OutputFolder(out_url)
     out.prepare()
     out.clean_tmp()
     done = out.committed()
@@ -292,55 +374,50 @@ def curate(cfg: dict, log=print) -> dict:
 
     failures = {}
     if pending:
-        init_ray(cfg.get("ray", {}))
-        writer = ray.remote(write_shard).options(num_cpus=cfg["stages"]["write"]["num_cpus"],
-                                                 max_retries=2)
-        by_name = {s.name: s for s in pending}
-        collector, inflight = ShardCollector(), {}
-        max_inflight = int(cfg["stages"]["write"]["max_in_flight"])
-
-        def drain(block: bool):
-            while inflight and (block or len(inflight) >= max_inflight):
-                ready, _ = ray.wait(list(inflight), num_returns=1)
-                name = inflight.pop(ready[0])
-                try:
-                    c = ray.get(ready[0])
-                    log(f"shard {name}: {c['rows']} samples, {c['kept']} kept, {c['dropped']} dropped, "
-                        f"{c['error']} errors, {c['not_downloaded']} not downloaded")
-                except Exception as exc:  # keep going; the shard stays uncommitted
-                    failures[name] = f"{type(exc).__name__}: {exc}"
-                    log(f"shard {name}: FAILED to write: {failures[name]}")
-                if not block:
-                    break
-
-        ds = build_dataset(pending, cfg)
+        init_ray(cfg.get("ray", {}), storage)
+        warn_local_paths_on_cluster({"input": input_url, "output": cfg["output"]}, log)
+        tracker = ray.remote(ShardTracker).options(num_cpus=0).remote()
+        ds = build_dataset(pending, cfg, out.url, tracker, storage)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for name, rows in collector.add(batch):
-                rows = rows if rows is not None else pa.table({})
-                inflight[writer.remote(by_name[name], rows, out.url)] = name
-                drain(block=False)
-        drain(block=True)
-        for name in collector.incomplete():
-            failures[name] = "pipeline ended before all of the shard's rows arrived"
+            for r in batch.to_pylist():  # one row per finalized shard
+                if r["error"]:
+                    failures[r["shard"]] = r["error"]
+                    log(f"shard {r['shard']}: FAILED to write: {r['error']}")
+                    continue
+                f = json.loads(r["summary"])["funnel"]
+                log(f"shard {r['shard']}: {f['input']} samples, {f['kept']} kept, "
+                    f"{f['evaluated'] - f['kept']} dropped, {f['errors']} errors, "
+                    f"{f['not_downloaded']} not downloaded")
+        committed_now = out.committed()
+        for name in ray.get(tracker.open_shards.remote()):
+            if name not in committed_now and name not in failures:
+                failures[name] = "pipeline ended before all of the shard's rows arrived"
+        for s in pending:
+            if s.name not in committed_now and s.name not in failures:
+                failures[s.name] = "no rows of the shard reached the writer"
+        ray.kill(tracker)
+        out.clean_tmp()  # every writer has finished: parts of failed shards are redone on re-run
 
-    stats = out.read_stats()
+    committed = out.committed()
+    total, sizes_, totals = aggregate(out, committed)
     summary = {
-        "funnel": funnel(stats),
-        "shards": {"input": len(shards), "committed": len(out.committed()), "failed": failures},
+        "funnel": total,
+        "shards": {"input": len(shards), "committed": len(committed), "failed": failures},
+        "bytes": totals,
         "input": input_url,
         "output": cfg["output"],
         "config": cfg,
         "versions": versions(),
         "elapsed_s": round(time.time() - started, 2),
     }
-    out.write_json("shards/sizes.json", sizes(stats))
+    out.write_json("shards/sizes.json", sizes_)
     out.write_json("summary.json", summary)
     log("CAT filter funnel (all committed shards):\n" + format_funnel(summary["funnel"]))
     if cfg.get("report", True):
         from curation.report import write_report
 
         try:
-            log(f"report: {write_report(cfg['output'])}")
+            log(f"report: {write_report(out.url)}")
         except Exception as exc:  # the report is a convenience: never fail the job for it
             log(f"report not written: {type(exc).__name__}: {exc}")
     if failures:

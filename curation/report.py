@@ -5,6 +5,11 @@ reasons and errors, and thumbnails of example kept and dropped pairs per reason 
 captions and recognised text. Charts are inline SVG and thumbnails are ``data:`` URIs, so the
 file needs nothing else (no scripts, no network). The thumbnails are read back from the input
 shards named in ``summary.json``; when the input is gone the examples are listed without images.
+
+Memory stays bounded at any output size: the funnel adds up the per-shard summaries, the
+histograms and the reasons table are DuckDB aggregates streamed over ``stats/*.parquet`` (local,
+or in a bucket through the job's fsspec filesystem), and the examples come from a bounded sample
+of shards (the first :data:`EXAMPLE_SHARDS` committed ones).
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ import pyarrow.compute as pc
 
 from curation.images import BadImage, decode_rgb
 from curation.ingest import DROPPED, ERROR, KEPT, IngestOptions, discover_shards, read_shard
-from curation.output import FILTERS, OutputFolder
+from curation.output import FILTERS, OutputFolder, aggregate
+
+EXAMPLE_SHARDS = 8  # examples are drawn from at most this many shards' stats
+INT_CAPS = {"complexity": 6, "num_actions": 5}  # histogram caps ("N+" bins)
+OVERLAP_BINS = 10
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
@@ -118,11 +127,72 @@ def load_images(input_url: str | None, wanted: dict[str, set[str]]) -> dict[tupl
     for name, keys in wanted.items():
         if name not in shards:
             continue
+        missing = set(keys)
         for table in read_shard(shards[name], opts):
             for key, image in zip(table["key"].to_pylist(), table["image"].to_pylist()):
-                if key in keys and image is not None:
+                if key in missing and image is not None:
                     found[(name, key)] = image
+                    missing.discard(key)
+            if not missing:
+                break  # stop reading this shard once its examples are found
     return found
+
+
+# --- bounded-memory aggregates over the stats Parquet ------------------------------------------
+
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def stats_connection(out: OutputFolder):
+    """A DuckDB connection and the SQL source of every committed stats file (None when there
+    are none). Object storage is read through the output's own fsspec filesystem."""
+    import duckdb
+
+    con = duckdb.connect(config={"memory_limit": "1GB", "threads": 2})
+    if not out.committed():
+        return con, None
+    root = out.path("stats")
+    if out.remote:
+        con.register_filesystem(out.fs)
+        root = out.fs.unstrip_protocol(root)
+    source = f"read_parquet({_sql_string(root + '/*.parquet')}, union_by_name=true)"
+    return con, source
+
+
+def stats_aggregates(out: OutputFolder) -> dict:
+    """Histograms (the same bins as :func:`int_histogram` / :func:`float_histogram`) of the
+    evaluated samples and the drop-reason / error counts, streamed by DuckDB."""
+    empty = {"complexity": int_histogram([], INT_CAPS["complexity"]),
+             "num_actions": int_histogram([], INT_CAPS["num_actions"]),
+             "text_overlap": float_histogram([], OVERLAP_BINS), "reasons": {}}
+    con, src = stats_connection(out)
+    if src is None:
+        return empty
+    evaluated = "status IN ('kept', 'dropped')"
+    out_ = dict(empty)
+    for col, cap in INT_CAPS.items():
+        labels, counts = int_histogram([], cap)
+        for v, n in con.execute(f"SELECT least({col}, {cap}) AS v, count(*) FROM {src} "
+                                f"WHERE {evaluated} AND {col} IS NOT NULL GROUP BY 1").fetchall():
+            counts[int(v)] = int(n)
+        out_[col] = (labels, counts)
+    labels, counts = float_histogram([], OVERLAP_BINS)
+    for v, n in con.execute(
+            f"SELECT least(CAST(floor(CAST(text_overlap AS DOUBLE) * {OVERLAP_BINS}) AS INTEGER), "
+            f"{OVERLAP_BINS - 1}) AS v, count(*) FROM {src} "
+            f"WHERE {evaluated} AND text_overlap IS NOT NULL GROUP BY 1").fetchall():
+        counts[int(v)] = int(n)
+    out_["text_overlap"] = (labels, counts)
+    reasons = {}
+    for status, reason, n in con.execute(
+            f"SELECT status, CASE WHEN status = 'dropped' THEN drop_reason "
+            f"ELSE left(split_part(coalesce(error, ''), ':', 1), 80) END, count(*) "
+            f"FROM {src} WHERE status IN ('dropped', 'error') GROUP BY 1, 2").fetchall():
+        reasons[(status, reason)] = int(n)
+    out_["reasons"] = reasons
+    con.close()
+    return out_
 
 
 # --- the page -----------------------------------------------------------------------------------
@@ -143,17 +213,10 @@ def _funnel_table(f: dict) -> str:
     return "".join(out)
 
 
-def _reasons_table(stats: pa.Table) -> str:
-    counts = defaultdict(int)
-    for status, reason, err in zip(stats["status"].to_pylist(), stats["drop_reason"].to_pylist(),
-                                   stats["error"].to_pylist()):
-        if status == DROPPED:
-            counts[("dropped", reason)] += 1
-        elif status == ERROR:
-            counts[("error", (err or "").split(":")[0][:80])] += 1
-    total = max(1, stats.num_rows)
+def _reasons_table(counts: dict, total: int) -> str:
+    total = max(1, total)
     out = ["<table><tr><th>status</th><th>reason</th><th>samples</th><th>% of input</th></tr>"]
-    for (status, reason), n in sorted(counts.items(), key=lambda kv: (kv[0][0], -kv[1])):
+    for (status, reason), n in sorted(counts.items(), key=lambda kv: (kv[0][0], -kv[1], str(kv[0][1]))):
         out.append(f"<tr><td>{status}</td><td>{html.escape(str(reason))}</td>"
                    f'<td class="n">{n}</td><td class="n">{100 * n / total:.1f}</td></tr>')
     return "".join(out) + "</table>"
@@ -178,16 +241,14 @@ def _card(row: dict, uri: str | None) -> str:
     return f'<div class="card">{"".join(parts)}</div>'
 
 
-def build_report(stats: pa.Table, summary: dict, examples: int = 6) -> str:
-    """The report's HTML for a stats table and the run's summary."""
-    from curation.output import funnel
-
-    f = funnel(stats)
-    ev = stats.filter(pc.is_in(stats["status"], pa.array([KEPT, DROPPED])))
-    charts = [svg_bars("caption complexity (evaluated)", *int_histogram(ev["complexity"].to_pylist(), 6)),
-              svg_bars("actions per caption (evaluated)", *int_histogram(ev["num_actions"].to_pylist(), 5)),
-              svg_bars("text overlap (OCR'd samples)", *float_histogram(ev["text_overlap"].to_pylist()))]
-    picked = pick_examples(stats, examples)
+def build_report(funnel: dict, aggregates: dict, sample: pa.Table, summary: dict,
+                 examples: int = 6) -> str:
+    """The report's HTML from the funnel, the stats aggregates, a bounded sample of stats rows
+    (for the examples) and the run's summary."""
+    charts = [svg_bars("caption complexity (evaluated)", *aggregates["complexity"]),
+              svg_bars("actions per caption (evaluated)", *aggregates["num_actions"]),
+              svg_bars("text overlap (OCR'd samples)", *aggregates["text_overlap"])]
+    picked = pick_examples(sample, examples)
     wanted = defaultdict(set)
     for rows in picked.values():
         for r in rows:
@@ -201,16 +262,17 @@ def build_report(stats: pa.Table, summary: dict, examples: int = 6) -> str:
     ts = (summary.get("config") or {}).get("filters", {}).get("text_spotting", {})
     settings = html.escape(json.dumps((summary.get("config") or {}).get("filters", {}), sort_keys=True))
     title = f"CAT filter report: {html.escape(str(summary.get('output', '')))}"
+    shown = sorted(set(sample["shard"].to_pylist())) if sample.num_rows else []
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{CSS}</style></head>
 <body><h1>{title}</h1>
-<p class="meta">input {html.escape(str(summary.get('input', '')))} &middot; {stats.num_rows} samples &middot;
+<p class="meta">input {html.escape(str(summary.get('input', '')))} &middot; {funnel['input']} samples &middot;
 elapsed {summary.get('elapsed_s', '?')} s &middot; text spotting
 {'on' if ts.get('enabled') else 'off'}{' (every sample)' if ts.get('evaluate_all') else ''}</p>
-<h2>Funnel</h2>{_funnel_table(f)}
+<h2>Funnel</h2>{_funnel_table(funnel)}
 <h2>Distributions</h2><div class="charts">{''.join(charts)}</div>
-<h2>Drop reasons and errors</h2>{_reasons_table(stats)}
-<h2>Examples</h2>{''.join(sections)}
+<h2>Drop reasons and errors</h2>{_reasons_table(aggregates["reasons"], funnel["input"])}
+<h2>Examples</h2><p class="meta">from {len(shown)} shard(s): {html.escape(", ".join(shown[:EXAMPLE_SHARDS]))}</p>{''.join(sections)}
 <h2>Filter settings</h2><pre style="white-space:pre-wrap;font-size:11px">{settings}</pre>
 </body></html>
 """
@@ -219,11 +281,13 @@ elapsed {summary.get('elapsed_s', '?')} s &middot; text spotting
 def write_report(output_url: str, examples: int = 6) -> str:
     """Build ``OUTPUT/report.html`` from the committed stats and ``summary.json``; returns its path."""
     out = OutputFolder(output_url)
-    summary = {}
-    if out.fs.exists(out.path("summary.json")):
-        with out.fs.open(out.path("summary.json"), "r") as fh:
-            summary = json.load(fh)
-    page = build_report(out.read_stats(), summary, examples)
+    if not out.fs.exists(out.root):
+        raise FileNotFoundError(f"no curation output at {output_url}")
+    summary = out.read_json("summary.json", {}) or {}
+    committed = sorted(out.committed())
+    funnel, _, _ = aggregate(out, committed)
+    sample = out.read_stats(names=committed[:EXAMPLE_SHARDS])
+    page = build_report(funnel, stats_aggregates(out), sample, summary, examples)
     out.fs.makedirs(out.path("_tmp"), exist_ok=True)
-    out._commit(page.encode("utf-8"), out.tmp_path("report.html"), out.path("report.html"))
+    out.put(page.encode("utf-8"), out.path("report.html"))
     return out.path("report.html")

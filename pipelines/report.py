@@ -20,7 +20,11 @@ def main(argv=None) -> int:
     ap.add_argument("output", help="curation output folder (path or fsspec URL)")
     ap.add_argument("--examples", type=int, default=6, help="example pairs per kept/drop reason")
     args = ap.parse_args(argv)
-    print(write_report(args.output, examples=args.examples))
+    try:
+        print(write_report(args.output, examples=args.examples))
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

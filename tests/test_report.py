@@ -36,7 +36,7 @@ def _written_output(tmp_path):
     ])
     shard = InputShard("00000", "webdataset", str(inp / "00000.tar"), str(inp / "00000.parquet"))
     rows = pa.concat_tables([t for t in read_shard(shard, IngestOptions()) if t["key"][0].as_py()])
-    rows = rows.drop_columns(["image", "shard_rows"])
+    rows = rows.drop_columns(["shard_rows"])
     n = rows.num_rows
     key = rows["key"].to_pylist()
     scores = {"k1": (2, 1, True, True, "RIDING", 1, 0.2, True),
@@ -53,7 +53,7 @@ def _written_output(tmp_path):
     assert n == 5
     folder = OutputFolder(str(out))
     folder.prepare()
-    write_shard(shard, rows, str(out))
+    write_shard(shard.name, rows, str(out))
     folder.write_json("summary.json", {"input": str(inp), "output": str(out), "elapsed_s": 1.0,
                                        "config": {"filters": {"text_spotting": {"enabled": True}}}})
     return out
