@@ -3,18 +3,22 @@
     python pipelines/label_concepts.py [--config FILE] [key=value ...]
     python pipelines/label_concepts.py input=outputs/demo/curated teacher.checkpoint=stage1.pt
 
-A Ray Data job (SPEC section 2, stage 1):
+Two Ray Data passes (SPEC section 2, stage 1); input and output may be local or ``s3://`` URLs
+(``storage_options`` and the AWS variables reach every task and actor):
 
-1. **read** (tasks, one per curated shard ``shards/NNNNN.tar``): key, caption, image bytes;
-2. **parse** (spaCy actor pool): each caption's objects and attributes (curation's parser);
-3. **embed** (teacher actor pool, on GPUs when ``stages.embed.num_gpus > 0``): the frozen
-   teacher's image features; the dataset (features, not images) is then materialised;
-4. on the driver: the vocabularies (``vocab.*.size`` most frequent names mentioned by at least
-   ``vocab.*.min_count`` captions) and the two softmax linear classifiers, fitted on a
-   reproducible subsample of at most ``classifier.max_samples`` images;
-5. **predict** (tasks): each image's top-k (id, probability) for both vocabularies, written as
-   ``concepts/NNNNN.parquet`` (one row per curated sample of shard NNNNN, sorted by key), then
-   ``concepts/vocab.json`` last (a folder without it is incomplete) and ``classifiers.npz``.
+1. **fit sample** (bounded): read tasks (one per curated shard ``shards/NNNNN.tar``) -> spaCy
+   actors parse every caption (the vocabulary counts: per-batch ``Counter`` rows, so the driver
+   holds one count per concept, never per sample) and keep the image of a reproducible key
+   subsample of at most ``classifier.max_samples`` samples -> teacher actors embed that sample.
+   On the driver: the vocabularies (``vocab.*.size`` most frequent names mentioned by at least
+   ``vocab.*.min_count`` captions) and the two softmax linear classifiers fitted on the sample's
+   features (at most ``classifier.max_samples`` x the teacher's feature size).
+2. **label** (one streaming pass): teacher actors (``stages.label``, on GPUs when
+   ``stages.embed.num_gpus > 0``) take one shard per call, embed it, predict each image's top-k
+   (id, probability) for both vocabularies and write ``concepts/NNNNN.parquet`` themselves (one
+   row per curated sample of shard NNNNN, sorted by key); the driver gets one summary row per
+   shard. Then ``classifiers.npz`` and ``concepts/vocab.json`` last (a folder without it is
+   incomplete).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import os
 import posixpath
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 
 import numpy as np
 
@@ -33,7 +37,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fsspec  # noqa: E402
 import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 
 from curation.config import CONFIG_DIR, parse_cli  # noqa: E402
 from training import concepts as C  # noqa: E402
@@ -81,59 +84,61 @@ def check_teacher(teacher: dict) -> None:
         raise LabelError(str(exc)) from None
 
 
-def build_dataset(urls: list[str], cfg: dict):
-    """read -> parse -> embed, materialised (rows: key, shard, caption, error, objects,
-    attributes, features)."""
+def total_samples(urls: list[str], sizes: dict, cfg: dict, storage) -> int:
+    """Samples in these shards: ``shards/sizes.json`` when it lists them all, else counted by
+    one read task per shard (per-shard counts only reach the driver)."""
     import ray
 
-    st = cfg["stages"]
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = bool(cfg.get("progress", True))
+    names = [posixpath.basename(u) for u in urls]
+    if all(n in sizes for n in names):
+        return int(sum(int(sizes[n]) for n in names))
     ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
-    ds = ds.map_batches(C.read_curated_shards_batch, batch_size=1, batch_format="pyarrow",
-                        fn_kwargs={"rows_per_block": int(st["read"]["rows_per_block"])},
+    counts = ds.map_batches(C.count_shard_rows_batch, batch_size=1, batch_format="pyarrow",
+                            fn_kwargs={"storage": storage}, num_cpus=cfg["stages"]["read"]["num_cpus"])
+    return int(sum(r["rows"] for r in counts.select_columns(["rows"]).iter_rows()))
+
+
+def fit_sample(urls: list[str], cfg: dict, fraction: float, storage) -> dict:
+    """Pass 1: every caption parsed (vocabulary counts), the ``fraction`` key subsample of the
+    samples without errors embedded; returns the counts and the sample's features and concepts
+    (bounded by ``classifier.max_samples``)."""
+    import ray
+
+    st, cc = cfg["stages"], cfg["classifier"]
+    ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
+    ds = ds.map_batches(C.read_shards_for_fit, batch_size=1, batch_format="pyarrow",
+                        fn_kwargs={"rows_per_block": int(st["read"]["rows_per_block"]), "storage": storage},
                         num_cpus=st["read"]["num_cpus"])
-    ds = ds.map_batches(C.ConceptParseStage,
+    ds = ds.map_batches(C.ConceptCountSampleStage,
                         fn_constructor_kwargs={"model": cfg["spacy"]["model"],
-                                               "batch_size": int(cfg["spacy"]["batch_size"])},
+                                               "batch_size": int(cfg["spacy"]["batch_size"]),
+                                               "fraction": fraction, "seed": int(cc["seed"])},
                         batch_size=int(st["parse"]["batch_size"]), batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=int(st["parse"]["actors"])),
                         num_cpus=st["parse"]["num_cpus"])
     gpus = st["embed"].get("num_gpus") or 0
-    ds = ds.map_batches(C.TeacherEmbedStage,
+    ds = ds.map_batches(C.TeacherEmbedStageWithStorage,
                         fn_constructor_kwargs={"teacher_cfg": cfg["teacher"],
                                                "device": "cuda" if gpus > 0 else "cpu",
-                                               "batch_size": int(st["embed"]["forward_batch_size"])},
+                                               "batch_size": int(st["embed"]["forward_batch_size"]),
+                                               "storage": storage},
                         batch_size=int(st["embed"]["batch_size"]), batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=int(st["embed"]["actors"])),
                         num_cpus=st["embed"]["num_cpus"], num_gpus=gpus)
-    return ds.materialize()
-
-
-def is_shard_error(key: str) -> bool:
-    return key.endswith("/unreadable")
-
-
-def scan(ds, fraction: float, seed: int) -> dict:
-    """One pass over the materialised dataset (no images): concept counts over all samples, and
-    the features and concept names of a reproducible subsample (``fraction`` of the keys) of the
-    samples without errors, for fitting the classifiers."""
-    out = {"objects": Counter(), "attributes": Counter(), "rows": 0, "ok": 0,
+    out = {"objects": Counter(), "attributes": Counter(), "rows": 0,
            "features": [], "fit_objects": [], "fit_attributes": []}
-    cols = ["key", "error", "objects", "attributes", "features"]
-    for b in ds.select_columns(cols).iter_batches(batch_format="pyarrow", batch_size=None):
-        keys, errors = b["key"].to_pylist(), b["error"].to_pylist()
-        objs, attrs = b["objects"].to_pylist(), b["attributes"].to_pylist()
-        real = [i for i, key in enumerate(keys) if not is_shard_error(key)]
-        out["rows"] += len(real)
-        out["objects"].update(C.count_concepts(objs[i] for i in real))
-        out["attributes"].update(C.count_concepts(attrs[i] for i in real))
-        ok = [i for i in real if errors[i] is None]
-        out["ok"] += len(ok)
-        mask = C.key_fraction_mask([keys[i] for i in ok], fraction, seed)
-        fit = [i for i, m in zip(ok, mask) if m]
+    for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        keys = b["key"].to_pylist()
+        for i in (i for i, k in enumerate(keys) if k == C.COUNTS_KEY):
+            row = b.slice(i, 1).to_pylist()[0]
+            out["objects"].update(dict(zip(row["obj_names"], row["obj_counts"])))
+            out["attributes"].update(dict(zip(row["attr_names"], row["attr_counts"])))
+            out["rows"] += row["rows"]
+        errors = b["error"].to_pylist()
+        fit = [i for i, k in enumerate(keys) if k != C.COUNTS_KEY and errors[i] is None]
         if fit:
             out["features"].append(C.features_matrix(b["features"].take(pa.array(fit))))
+            objs, attrs = b["objects"].to_pylist(), b["attributes"].to_pylist()
             out["fit_objects"] += [objs[i] for i in fit]
             out["fit_attributes"] += [attrs[i] for i in fit]
     feats = out.pop("features")
@@ -141,16 +146,35 @@ def scan(ds, fraction: float, seed: int) -> dict:
     return out
 
 
-def write_parquet(fs, path: str, table: pa.Table) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    tmp = path + ".tmp"
-    with fs.open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    fs.mv(tmp, path)
+def label_all(urls: list[str], cfg: dict, classifiers: dict, out_url: str, storage) -> list[dict]:
+    """Pass 2, one streaming pass: teacher actors label one shard per call and write its label
+    file themselves; the driver receives one summary row per shard."""
+    import ray
+
+    st = cfg["stages"]
+    gpus = st["embed"].get("num_gpus") or 0
+    ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
+    ds = ds.map_batches(C.LabelShardStage,
+                        fn_constructor_kwargs={"teacher_cfg": cfg["teacher"],
+                                               "objects": classifiers["objects"].to_dict(),
+                                               "attributes": classifiers["attributes"].to_dict(),
+                                               "k": int(cfg["top_k"]), "out_url": out_url,
+                                               "device": "cuda" if gpus > 0 else "cpu",
+                                               "batch_size": int(st["embed"]["forward_batch_size"]),
+                                               "rows_per_block": int(st["read"]["rows_per_block"]),
+                                               "storage": storage},
+                        batch_size=1, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=int(st["label"]["actors"])),
+                        num_cpus=st["label"]["num_cpus"], num_gpus=gpus)
+    return list(ds.iter_rows())
 
 
 def write_bytes(fs, path: str, data: bytes) -> None:
+    """A whole file: an object store's PUT is atomic; a local file is renamed into place."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol not in ("file", "local"):
+        fs.pipe_file(path, data)
+        return
     tmp = path + ".tmp"
     with fs.open(tmp, "wb") as f:
         f.write(data)
@@ -163,6 +187,7 @@ def label_concepts(cfg: dict, log=print) -> dict:
     import torch
 
     from curation.pipeline import init_ray
+    from curation.storage import Storage
 
     started = time.time()
     if not cfg.get("input"):
@@ -170,27 +195,28 @@ def label_concepts(cfg: dict, log=print) -> dict:
     k = int(cfg["top_k"])
     if k < 1:
         raise LabelError(f"top_k must be >= 1, not {k}")
+    storage = Storage.capture(cfg.get("storage_options")).apply()
     check_teacher(cfg["teacher"])
     urls = list_curated_shards(cfg["input"])
     out_url = output_url(cfg)
     fs, out_root = fsspec.core.url_to_fs(out_url)
     fs.makedirs(out_root, exist_ok=True)
+    out_url = fs.unstrip_protocol(out_root)  # absolute: the label files are written by workers
     vocab_path = posixpath.join(out_root, "vocab.json")
     if fs.exists(vocab_path):  # the folder is incomplete until this run writes it again
         fs.rm(vocab_path)
     log(f"labelling {len(urls)} curated shards of {cfg['input']} -> {out_url}")
 
-    init_ray(cfg.get("ray", {}))
-    ds = build_dataset(urls, cfg)
-    t_embed = time.time()
-
+    init_ray(cfg.get("ray", {}), storage=storage)
+    ray.data.DataContext.get_current().enable_progress_bars = bool(cfg.get("progress", True))
+    sizes = read_sizes(cfg["input"])
     cc = cfg["classifier"]
-    total = ds.count()  # metadata of the materialised blocks; an upper bound of the usable rows
+    total = total_samples(urls, sizes, cfg, storage)
     max_samples = cc.get("max_samples")
     fraction = 1.0 if not max_samples or total <= max_samples else max_samples / total
-    data = scan(ds, fraction, int(cc["seed"]))
-    obj_counts, attr_counts, n_rows, n_ok = (data["objects"], data["attributes"], data["rows"],
-                                             data["ok"])
+    data = fit_sample(urls, cfg, fraction, storage)
+    t_embed = time.time()
+    obj_counts, attr_counts, n_rows = data["objects"], data["attributes"], data["rows"]
     vocabs = {}
     for name, counts in (("objects", obj_counts), ("attributes", attr_counts)):
         v = cfg["vocab"][name]
@@ -225,33 +251,16 @@ def label_concepts(cfg: dict, log=print) -> dict:
             f"-> {info['final_loss']:.3f}, train top-1 in labels {info['train_top1_in_labels']:.2f}")
     t_fit = time.time()
 
-    pred = ds.map_batches(C.predict_top_k_batch, batch_format="pyarrow",
-                          batch_size=int(cfg["stages"]["predict"]["batch_size"]),
-                          fn_kwargs={"objects": classifiers["objects"].to_dict(),
-                                     "attributes": classifiers["attributes"].to_dict(), "k": k})
-    by_shard = defaultdict(list)
-    shard_errors, sample_errors = {}, 0
-    for b in pred.iter_batches(batch_format="pyarrow", batch_size=None):
-        keys, shards, errors = b["key"].to_pylist(), b["shard"].to_pylist(), b["error"].to_pylist()
-        real = []
-        for i, key in enumerate(keys):
-            if is_shard_error(key):
-                shard_errors[shards[i]] = errors[i]
-            else:
-                real.append(i)
-                sample_errors += errors[i] is not None
-        for shard in set(shards[i] for i in real):
-            rows = [i for i in real if shards[i] == shard]
-            by_shard[shard].append(b.take(pa.array(rows)).select(C.OUTPUT_SCHEMA.names))
-    sizes = read_sizes(cfg["input"])
-    for url in urls:
-        name = C.shard_name(url)
-        parts = by_shard.pop(name, [])
-        table = (pa.concat_tables(parts) if parts else C.OUTPUT_SCHEMA.empty_table()).cast(C.OUTPUT_SCHEMA)
+    shard_errors, sample_errors, n_ok = {}, 0, 0
+    for row in label_all(urls, cfg, classifiers, out_url, storage):
+        name = row["shard"]
+        sample_errors += row["errors"]
+        n_ok += row["rows"] - row["errors"]
         expected = sizes.get(f"{name}.tar")
-        if expected is not None and expected != table.num_rows and name not in shard_errors:
-            shard_errors[name] = f"{table.num_rows} samples read but shards/sizes.json lists {expected}"
-        write_parquet(fs, posixpath.join(out_root, f"{name}.parquet"), table.sort_by("key"))
+        if row["shard_error"]:
+            shard_errors[name] = row["shard_error"]
+        elif expected is not None and expected != row["rows"]:
+            shard_errors[name] = f"{row['rows']} samples read but shards/sizes.json lists {expected}"
     for name, err in sorted(shard_errors.items()):
         log(f"shard {name}: {err}; its readable samples are labelled, the others have no targets")
 
@@ -277,14 +286,14 @@ def label_concepts(cfg: dict, log=print) -> dict:
                        "kind": "softmax linear, soft cross-entropy vs normalised multi-hot labels",
                        **{k_: v for k_, v in cc.items()}},
         "samples": {"total": n_rows, "embedded": n_ok, "errors": sample_errors,
-                    "fit_subsample": int(len(x)),
+                    "fit_fraction": fraction, "fit_subsample": int(len(x)),
                     "fit_with_objects": sum(1 for s in obj_sets if s),
                     "fit_with_attributes": sum(1 for s in attr_sets if s)},
         "shards": {"count": len(urls), "errors": shard_errors},
         "input": cfg["input"],
-        "timing_s": {"read_parse_embed": round(t_embed - started, 2),
+        "timing_s": {"parse_and_fit_sample": round(t_embed - started, 2),
                      "vocab_and_fit": round(t_fit - t_embed, 2),
-                     "predict_and_write": round(time.time() - t_fit, 2),
+                     "embed_predict_write": round(time.time() - t_fit, 2),
                      "total": round(time.time() - started, 2)},
         "versions": {"ray": ray.__version__, "torch": torch.__version__},
     }

@@ -261,20 +261,30 @@ def curated(tmp_path_factory):
     return root, captions
 
 
-def job_cfg(curated_dir, teacher, *overrides):
+def job_cfg_overrides(teacher, *overrides):
     t = [f"teacher.{k}={v}" for k, v in teacher.items() if v is not None]
+    return ["progress=false", "stages.parse.actors=1",
+            "vocab.objects.size=4", "vocab.objects.min_count=3",
+            "vocab.attributes.size=null", "vocab.attributes.min_count=3",
+            "top_k=3", "classifier.epochs=50", *t, *overrides]
+
+
+def job_cfg(curated_dir, teacher, *overrides):
     return build_config(CONFIG_DIR / "concepts" / "label_concepts.yaml",
-                        overrides=[f"input={curated_dir}", "progress=false", "stages.parse.actors=1",
-                                   "vocab.objects.size=4", "vocab.objects.min_count=3",
-                                   "vocab.attributes.size=null", "vocab.attributes.min_count=3",
-                                   "top_k=3", "classifier.epochs=50", *t, *overrides])
+                        overrides=[f"input={curated_dir}", *job_cfg_overrides(teacher, *overrides)])
 
 
-def test_label_concepts_job(ray_session, curated, tiny_teacher, nlp):
+@pytest.fixture(scope="module")
+def local_run(ray_session, curated, tiny_teacher):
     job = load_job()
+    root, _ = curated
+    return job.label_concepts(job_cfg(root, tiny_teacher, "classifier.max_samples=30"),
+                              log=lambda *_: None)
+
+
+def test_label_concepts_job(local_run, curated, tiny_teacher, nlp):
     root, captions = curated
-    summary = job.label_concepts(job_cfg(root, tiny_teacher, "classifier.max_samples=30"),
-                                 log=lambda *_: None)
+    summary = local_run
     out = root / "concepts"
 
     # vocabularies: exactly what the pure units give on the same captions
@@ -293,9 +303,10 @@ def test_label_concepts_job(ray_session, curated, tiny_teacher, nlp):
     assert summary["samples"] == {**summary["samples"], "total": 44, "embedded": 43, "errors": 1}
     assert summary["shards"] == {"count": 3, "errors": {
         "00001": "20 samples read but shards/sizes.json lists 21"}}
-    # the classifiers were fitted on the reproducible key subsample (max_samples 30 of 44 rows)
+    # the classifiers were fitted on the reproducible key subsample (max_samples 30 of the 45
+    # samples sizes.json lists), the only images embedded before the labelling pass
     ok_keys = [k for k in captions if k != "000010003"]
-    expected = int(C.key_fraction_mask(ok_keys, 30 / 44, seed=0).sum())
+    expected = int(C.key_fraction_mask(ok_keys, 30 / 45, seed=0).sum())
     assert 0 < summary["samples"]["fit_subsample"] == expected < len(ok_keys)
     assert vocab["classifier"]["objects"]["fit_samples"] == summary["samples"]["fit_with_objects"]
 
@@ -346,6 +357,44 @@ def test_label_concepts_job(ray_session, curated, tiny_teacher, nlp):
     ids, probs = C.top_k(clf.predict_proba(f), 3)
     assert ids[0].tolist() == sample["attr_ids"]
     np.testing.assert_allclose(probs[0], sample["attr_probs"], rtol=1e-4, atol=1e-6)
+
+
+def test_label_concepts_bucket_input_and_output(local_run, curated, tiny_teacher, s3_server, tmp_path,
+                                                monkeypatch):
+    """Input and output in a bucket of a real S3 server, configured by ``storage_options`` only:
+    the same label files as the local run."""
+    import fsspec
+
+    job = load_job()
+    root, captions = curated
+    bucket = s3_server.new_bucket("concepts")
+    staged = tmp_path / "curated"
+    (staged / "shards").mkdir(parents=True)
+    for p in (root / "shards").iterdir():
+        (staged / "shards" / p.name).write_bytes(p.read_bytes())
+    s3_server.upload(staged, f"s3://{bucket}/cat")
+    for var in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(fsspec.config, "conf", {k: dict(v) for k, v in fsspec.config.conf.items()})
+    config = tmp_path / "bucket.yaml"
+    config.write_text(json.dumps({"storage_options": s3_server.storage_options}))
+    cfg = build_config(CONFIG_DIR / "concepts" / "label_concepts.yaml", user_file=str(config),
+                       overrides=[f"input=s3://{bucket}/cat", f"output=s3://{bucket}/labels",
+                                  *job_cfg_overrides(tiny_teacher, "classifier.max_samples=30")])
+    summary = job.label_concepts(cfg, log=lambda *_: None)
+    assert summary["samples"] == local_run["samples"] and summary["shards"] == local_run["shards"]
+    fs = s3_server.filesystem()
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{bucket}/labels")) == [
+        "00000.parquet", "00001.parquet", "00002.parquet", "classifiers.npz", "vocab.json"]
+    assert json.loads(fs.cat(f"{bucket}/labels/vocab.json"))["objects"] == local_run["objects"]
+    for name in ("00000", "00001", "00002"):
+        got = pq.read_table(io.BytesIO(fs.cat(f"{bucket}/labels/{name}.parquet")))
+        want = pq.read_table(root / "concepts" / f"{name}.parquet")
+        assert got["key"].to_pylist() == want["key"].to_pylist()
+        assert got["obj_ids"].to_pylist() == want["obj_ids"].to_pylist()
+        assert got["attr_ids"].to_pylist() == want["attr_ids"].to_pylist()
+        assert got["error"].to_pylist() == want["error"].to_pylist()
+    assert not any(p.name.startswith("s3") for p in tmp_path.iterdir())
 
 
 def test_label_concepts_clear_errors(tmp_path, curated, tiny_teacher):

@@ -664,3 +664,152 @@ def padded_targets(ids: Sequence[Sequence[int]], probs: Sequence[Sequence[float]
         out_ids[i, :n] = a[:n]
         out_probs[i, :n] = p[:n]
     return out_ids, out_probs
+
+
+# --- 7. the streaming job's stages (pipelines/label_concepts.py) ---------------------------------
+#
+# Pass 1 (bounded): every caption is parsed for the vocabulary counts, but only a reproducible key
+# subsample keeps its image, is embedded and reaches the driver (the classifiers' fit sample).
+# Pass 2 (one streaming pass): each call of :class:`LabelShardStage` reads one curated shard,
+# embeds and predicts it and writes that shard's label file itself; only a per-shard summary row
+# comes back. ``storage`` arguments are :class:`curation.storage.Storage` values (applied first).
+
+COUNTS_KEY = "__concept_counts__"
+FIT_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("error", pa.string()),
+    ("objects", pa.list_(pa.string())),
+    ("attributes", pa.list_(pa.string())),
+    ("image", pa.binary()),
+    ("obj_names", pa.list_(pa.string())),   # the counts row only: concept -> captions mentioning it
+    ("obj_counts", pa.list_(pa.int64())),
+    ("attr_names", pa.list_(pa.string())),
+    ("attr_counts", pa.list_(pa.int64())),
+    ("rows", pa.int64()),                   # the counts row only: samples parsed
+])
+SHARD_SUMMARY_SCHEMA = pa.schema([
+    ("shard", pa.string()),
+    ("rows", pa.int64()),
+    ("errors", pa.int64()),
+    ("shard_error", pa.string()),
+])
+
+
+def _apply_storage(storage) -> None:
+    if storage is not None:
+        storage.apply()
+
+
+def _is_shard_error_key(key: str) -> bool:
+    return key.endswith("/unreadable")
+
+
+def read_shards_for_fit(batch: pa.Table, rows_per_block: int = 256, storage=None) -> Iterator[pa.Table]:
+    """:func:`read_curated_shards_batch` in a process that first applies ``storage``."""
+    _apply_storage(storage)
+    yield from read_curated_shards_batch(batch, rows_per_block)
+
+
+def count_shard_rows_batch(batch: pa.Table, storage=None) -> pa.Table:
+    """``url``, ``rows``: the samples of each shard (when ``shards/sizes.json`` is missing)."""
+    _apply_storage(storage)
+    urls = batch["url"].to_pylist()
+    rows = [sum(sum(1 for k in t["key"].to_pylist() if not _is_shard_error_key(k))
+                for t in read_curated_shard(u)) for u in urls]
+    return pa.table({"url": pa.array(urls, pa.string()), "rows": pa.array(rows, pa.int64())})
+
+
+class ConceptCountSampleStage:
+    """Parses every caption of a batch; returns the fit-sample rows (key subsample of the rows
+    without errors, with their concepts and image) plus one ``COUNTS_KEY`` row with the batch's
+    concept counts. Images outside the sample are dropped here."""
+
+    def __init__(self, model: str = "en_core_web_sm", batch_size: int = 256, fraction: float = 1.0,
+                 seed: int = 0):
+        self.parser = ConceptParser(model, batch_size)
+        self.fraction, self.seed = float(fraction), int(seed)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        keys, errors = batch["key"].to_pylist(), batch["error"].to_pylist()
+        real = [i for i, k in enumerate(keys) if not _is_shard_error_key(k)]
+        captions = batch["caption"].to_pylist()
+        concepts = self.parser([captions[i] for i in real])
+        objs = count_concepts(o for o, _ in concepts)
+        attrs = count_concepts(a for _, a in concepts)
+        ok = [j for j, i in enumerate(real) if errors[i] is None]
+        mask = key_fraction_mask([keys[real[j]] for j in ok], self.fraction, self.seed)
+        images = batch["image"]
+        rows = [{"key": keys[real[j]], "error": None, "objects": concepts[j][0],
+                 "attributes": concepts[j][1], "image": images[real[j]].as_py(), "obj_names": [],
+                 "obj_counts": [], "attr_names": [], "attr_counts": [], "rows": 0}
+                for j, keep in zip(ok, mask) if keep]
+        rows.append({"key": COUNTS_KEY, "error": None, "objects": [], "attributes": [], "image": None,
+                     "obj_names": list(objs), "obj_counts": list(objs.values()),
+                     "attr_names": list(attrs), "attr_counts": list(attrs.values()), "rows": len(real)})
+        return pa.Table.from_pylist(rows, schema=FIT_SCHEMA)
+
+
+class TeacherEmbedStageWithStorage(TeacherEmbedStage):
+    """:class:`TeacherEmbedStage` in a process that first applies ``storage``."""
+
+    def __init__(self, teacher_cfg: dict, device: str | None = None, batch_size: int = 64, storage=None):
+        _apply_storage(storage)
+        super().__init__(teacher_cfg, device, batch_size)
+
+
+def write_label_file(out_url: str, name: str, table: pa.Table) -> None:
+    """``<out_url>/<name>.parquet``: an object store's PUT is atomic; a local file is written
+    next to its place and renamed."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    fs, root = fsspec.core.url_to_fs(out_url)
+    path = posixpath.join(root, f"{name}.parquet")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        fs.pipe_file(path + ".tmp", buf.getvalue())
+        fs.mv(path + ".tmp", path)
+    else:
+        fs.pipe_file(path, buf.getvalue())
+
+
+class LabelShardStage:
+    """One curated shard per row of ``url``: read, embed with the teacher, predict both
+    vocabularies' top-k and write ``<out_url>/<shard>.parquet`` (:data:`OUTPUT_SCHEMA`, one row
+    per sample, sorted by key). Returns :data:`SHARD_SUMMARY_SCHEMA` rows."""
+
+    def __init__(self, teacher_cfg: dict, objects: dict, attributes: dict, k: int, out_url: str,
+                 device: str | None = None, batch_size: int = 64, rows_per_block: int = 256,
+                 storage=None):
+        _apply_storage(storage)
+        self.storage = storage
+        self.embed = TeacherEmbedStage(teacher_cfg, device, batch_size)
+        self.objects, self.attributes, self.k = objects, attributes, int(k)
+        self.out_url, self.rows_per_block = out_url, int(rows_per_block)
+
+    def label_shard(self, url: str) -> dict:
+        name = shard_name(url)
+        parts, rows, errors, shard_error = [], 0, 0, None
+        for t in read_curated_shard(url, self.rows_per_block):
+            keys = t["key"].to_pylist()
+            broken = [i for i, k in enumerate(keys) if _is_shard_error_key(k)]
+            if broken:
+                shard_error = t["error"][broken[0]].as_py()
+                t = t.filter(pa.array([not _is_shard_error_key(k) for k in keys]))
+            if not t.num_rows:
+                continue
+            pred = predict_top_k_batch(self.embed(t), self.objects, self.attributes, self.k)
+            errs = pred["error"].to_pylist()
+            rows += len(errs)
+            errors += sum(e is not None for e in errs)
+            parts.append(pred.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA))
+        table = pa.concat_tables(parts) if parts else OUTPUT_SCHEMA.empty_table()
+        write_label_file(self.out_url, name, table.sort_by("key"))
+        return {"shard": name, "rows": rows, "errors": errors, "shard_error": shard_error}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        _apply_storage(self.storage)
+        return pa.Table.from_pylist([self.label_shard(u) for u in batch["url"].to_pylist()],
+                                    schema=SHARD_SUMMARY_SCHEMA)
