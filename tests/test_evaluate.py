@@ -132,7 +132,7 @@ def _cfg(**kw):
            "recall_at": [1, 5], "zeroshot": True, "retrieval": True,
            "linear_probe": {"enabled": True, "weight_decay": [0.0, 1e-3], "val_fraction": 0.25,
                             "steps": 200, "lr": 0.05, "seed": 0},
-           "fewshot": {"enabled": True, "shots": [1, 2], "seeds": [0], "val_per_class": 1, "steps": 20}}
+           "fewshot": {"enabled": True, "shots": [1, 2], "seeds": [0], "cv_folds": 2, "steps": 20}}
     cfg.update(kw)
     return cfg
 
@@ -196,7 +196,7 @@ def test_fewshot_that_cannot_run_is_reported_not_fatal(tmp_path):
     cfg["fewshot"] = {**cfg["fewshot"], "shots": [8]}  # 4 training images per class
     logs = []
     res = evaluate_dataset(FakeEmbedder(), ds, cfg, log=logs.append)
-    assert "needs at least 9" in res["fewshot_error"] and any("few-shot skipped" in line for line in logs)
+    assert "8-shot needs at least 8" in res["fewshot_error"] and any("few-shot skipped" in line for line in logs)
     assert res["zeroshot"]["weak"]["acc1"] == 1.0 and "linear_probe" in res
 
 
@@ -254,7 +254,7 @@ def test_job_on_a_tiny_open_clip_checkpoint(tmp_path, capsys):
     rc = job.main([str(ckpt), "--model-config", str(config), "eval.datasets=[digits, demo]",
                    f"eval.cache_dir={tmp_path / 'cache'}", "eval.demo.num_train=20", "eval.demo.num_test=20",
                    "eval.max_samples=30", "eval.max_train_samples=100", "eval.fewshot.shots=[1]",
-                   "eval.fewshot.seeds=[0]", "eval.fewshot.val_per_class=2", "eval.fewshot.steps=10",
+                   "eval.fewshot.seeds=[0]", "eval.fewshot.cv_folds=2", "eval.fewshot.steps=10",
                    "eval.linear_probe.steps=20", f"eval.output={out}"])
     assert rc == 0, capsys.readouterr()
     res = json.loads(out.read_text())["results"]
