@@ -65,6 +65,10 @@ def load_embedder(checkpoint: str, arch: str | None = None, model_config: str | 
             recipe, model, _ = ck.load_trained_model(checkpoint, device=device)
             embedder = recipe.embedder(model, device=device)
             return embedder, preprocess_size(embedder.preprocess)
+        if folder and not (arch or model_config or open_clip_only):
+            print(f"note: {checkpoint} has no training config in meta.json (or no train_state.pt): "
+                  "evaluating its open_clip.pt (for CLIP 🚀 checkpoints of older versions: the towers "
+                  "without the recipe's projectors)")
         file = ck.open_clip_file(checkpoint) if folder else str(checkpoint)
         if not ck.exists(file):
             raise ValueError(f"checkpoint not found: {file}")

@@ -96,6 +96,30 @@ def test_evaluate_reproduces_the_trainers_evaluation_of_clip_rocket(rocket_check
     assert got["digits"]["zeroshot"]["weak"] != got["digits"]["zeroshot"]["strong"]
 
 
+@pytest.mark.parametrize("recipe_name", ["clip", "diht"])
+def test_evaluate_reproduces_the_trainers_evaluation_of_plain_recipes(recipe_name, tmp_path):
+    from training.checkpoint import read_meta, save_checkpoint
+    from training.loop import TrainModule, run_eval
+    from training.recipes import get_recipe
+    from training.train import build_train_config
+
+    config = None if recipe_name == "clip" else "configs/train/diht_tiny.yaml"
+    extra = ["loss.distill.enabled=false"] if recipe_name == "diht" else []  # HN-NCE, no labels needed
+    cfg = build_train_config(config, [f"model.arch={ARCH}", *extra, *EVAL])
+    recipe = get_recipe(cfg)
+    torch.manual_seed(1)
+    model = recipe.build_model()
+    module = TrainModule(model, recipe.build_loss(model))
+    save_checkpoint(tmp_path, module=module, clip=model.clip, arch=ARCH, recipe=recipe_name, step=1, epoch=1)
+    assert read_meta(tmp_path)["open_clip"]["arch"] == ARCH and read_meta(tmp_path)["recipe"] == recipe_name
+    want = run_eval(recipe, module, cfg["eval"], torch.device("cpu"), log=lambda *_: None)
+    got = _evaluate(_job(), tmp_path, tmp_path / "res.json")
+    assert set(got["digits"]["zeroshot"]) == {"clip"}
+    assert _strip(got) == _strip(want)
+    # the open_clip file is that same model here
+    assert _strip(_evaluate(_job(), tmp_path, tmp_path / "oc.json", "--open-clip")) == _strip(want)
+
+
 @pytest.mark.parametrize("arch", [ARCH, "tiny-rn-64"])  # ViT proj parameter / ResNet attnpool c_proj
 def test_open_clip_file_is_the_weak_embedding(arch, tmp_path):
     import open_clip
