@@ -186,7 +186,7 @@ def label_concepts(cfg: dict, log=print) -> dict:
     import ray
     import torch
 
-    from curation.pipeline import init_ray
+    from curation.pipeline import init_ray, warn_local_paths_on_cluster
     from curation.storage import Storage
 
     started = time.time()
@@ -208,6 +208,7 @@ def label_concepts(cfg: dict, log=print) -> dict:
     log(f"labelling {len(urls)} curated shards of {cfg['input']} -> {out_url}")
 
     init_ray(cfg.get("ray", {}), storage=storage)
+    warn_local_paths_on_cluster({"input": cfg["input"], "output": out_url}, log=log)
     ray.data.DataContext.get_current().enable_progress_bars = bool(cfg.get("progress", True))
     sizes = read_sizes(cfg["input"])
     cc = cfg["classifier"]

@@ -1,6 +1,6 @@
 """The Ray Train job end to end on small generated shards: two gloo workers, bad samples skipped,
-a SIGKILLed worker process resumed from the last checkpoint with the same data order, a restart
-with the same run name, and a model that learns (loss falls, zero-shot accuracy on held-out images far above chance)."""
+a SIGKILLed worker process resumed from the last checkpoint with the same data order, and a model
+that learns (loss falls, zero-shot accuracy on held-out images far above chance)."""
 
 import io
 import json
@@ -197,10 +197,6 @@ def test_two_workers_resume_after_sigkill_and_learn(ray_session, color_data, tmp
     acc = zero_shot_accuracy(model, preprocess, open_clip.get_tokenizer(ARCH))
     assert acc >= 0.6, acc
 
-    # restarting with the same run name resumes from its last checkpoint at the right step
-    again = train(run_cfg(color_data, storage, "colors", "train.max_steps=33"), log=lambda *_: None)
-    assert again["metrics"]["step"] == 33
-    steps = [r["step"] for r in read_jsonl(log_dir / "metrics.jsonl") if "train/loss" in r]
-    assert steps[-3:] == [31, 32, 33]
-    meta = json.loads(open(f"{again['checkpoint']}/meta.json").read())
-    assert meta["step"] == 33 and meta["arch"] == ARCH
+    # (a re-run with the same run name resuming from the last checkpoint: tests/test_s3_training.py)
+    meta = json.loads(open(f"{ckpt}/meta.json").read())
+    assert meta["step"] == 30 and meta["arch"] == ARCH

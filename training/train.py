@@ -240,6 +240,11 @@ def build_trainer(cfg: dict, log=print, storage=None):
     resources.update(sc.get("extra_resources") or {})
     storage, name = storage_and_name(cfg)
     log_dir = log_dir_for(cfg, storage, name)
+    from curation.pipeline import warn_local_paths_on_cluster
+
+    first = data_cfg["train"][0] if isinstance(data_cfg["train"], (list, tuple)) else data_cfg["train"]
+    warn_local_paths_on_cluster({"data.train": first, "run.storage_path": storage, "run.log_dir": log_dir},
+                                log=log)
     eval_cfg = dict(cfg.get("eval") or {})
     if eval_cfg.get("cache_dir"):
         eval_cfg["cache_dir"] = absolute(eval_cfg["cache_dir"])  # workers may run elsewhere
