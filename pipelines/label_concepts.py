@@ -107,7 +107,8 @@ def fit_sample(urls: list[str], cfg: dict, fraction: float, storage) -> dict:
     st, cc = cfg["stages"], cfg["classifier"]
     ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
     ds = ds.map_batches(C.read_shards_for_fit, batch_size=1, batch_format="pyarrow",
-                        fn_kwargs={"rows_per_block": int(st["read"]["rows_per_block"]), "storage": storage},
+                        fn_kwargs={"rows_per_block": int(st["read"]["rows_per_block"]), "storage": storage,
+                                   "fraction": fraction, "seed": int(cc["seed"])},
                         num_cpus=st["read"]["num_cpus"])
     ds = ds.map_batches(C.ConceptCountSampleStage,
                         fn_constructor_kwargs={"model": cfg["spacy"]["model"],

@@ -704,10 +704,18 @@ def _is_shard_error_key(key: str) -> bool:
     return key.endswith("/unreadable")
 
 
-def read_shards_for_fit(batch: pa.Table, rows_per_block: int = 256, storage=None) -> Iterator[pa.Table]:
-    """:func:`read_curated_shards_batch` in a process that first applies ``storage``."""
+def read_shards_for_fit(batch: pa.Table, rows_per_block: int = 256, storage=None,
+                        fraction: float = 1.0, seed: int = 0) -> Iterator[pa.Table]:
+    """:func:`read_curated_shards_batch` in a process that first applies ``storage``; images
+    outside the ``fraction`` key subsample are dropped right here (only captions travel on)."""
     _apply_storage(storage)
-    yield from read_curated_shards_batch(batch, rows_per_block)
+    for t in read_curated_shards_batch(batch, rows_per_block):
+        if fraction < 1.0:
+            keep = key_fraction_mask(t["key"].to_pylist(), fraction, seed)
+            images = t["image"].to_pylist()
+            t = t.set_column(t.schema.get_field_index("image"), "image",
+                             pa.array([im if k else None for im, k in zip(images, keep)], pa.binary()))
+        yield t
 
 
 def count_shard_rows_batch(batch: pa.Table, storage=None) -> pa.Table:
