@@ -45,6 +45,7 @@ ROW_SCHEMA = pa.schema([
     ("shard_rows", pa.int64()),
     ("row_index", pa.int64()),     # position in the shard's stream (orders the output shard)
     ("meta_json", pa.binary()),    # the sample's metadata (KEY.json / parquet columns), as read
+    ("node", pa.string()),         # marker row only: the Ray node that read the shard
 ])
 
 PARQUET_IMAGE_COLUMNS = ("jpg", "png", "webp")
@@ -138,7 +139,7 @@ def make_row(key, shard, url=None, caption=None, status=PENDING, error=None, ima
     return {"key": key, "shard": shard, "url": url, "caption": caption, "status": status,
             "error": error, "width": width, "height": height, "image_format": image_format,
             "image_bytes": None if image is None else len(image), "image": image,
-            "shard_rows": None, "row_index": None, "meta_json": meta_json}
+            "shard_rows": None, "row_index": None, "meta_json": meta_json, "node": None}
 
 
 def sample_row(key: str, shard: str, raw_caption, image: bytes | None, image_ext: str | None,

@@ -268,7 +268,8 @@ def _copy_tar_members(src, sink: tarfile.TarFile) -> int:
     return n
 
 
-def finalize_shard(out: OutputFolder, shard: str, expected_rows: int) -> dict:
+def finalize_shard(out: OutputFolder, shard: str, expected_rows: int,
+                   nodes: dict | None = None) -> dict:
     """Concatenate a complete shard's parts into ``shards/NAME.tar``, write its summary, then
     commit ``stats/NAME.parquet``; remove the parts. Returns the shard's summary."""
     folder = out.path(out.PARTS, shard)
@@ -297,6 +298,8 @@ def finalize_shard(out: OutputFolder, shard: str, expected_rows: int) -> dict:
         out.fs.mv(target, tar_final)
     tar_bytes = out.fs.size(tar_final)
     summary = shard_summary(shard, stats, tar_bytes=tar_bytes)
+    if nodes:
+        summary["nodes"] = nodes  # which Ray nodes read and finalized it
     if kept and members < kept:
         raise RuntimeError(f"shard {shard}: {kept} samples kept but {members} files in its parts")
     out.write_json(posixpath.join("shard_summaries", f"{shard}.json"), summary)

@@ -46,10 +46,17 @@ class PipelineError(RuntimeError):
 # --- stage functions (run inside Ray workers) ------------------------------------------------------
 
 def read_shards_batch(batch: pa.Table, opts: IngestOptions, storage: Storage | None = None):
+    import ray
+
     if storage is not None:
         storage.apply()
+    node = ray.get_runtime_context().get_node_id()
     for spec in batch.to_pylist():
-        yield from read_shard(InputShard(**spec), opts)
+        for table in read_shard(InputShard(**spec), opts):
+            if table.num_rows == 1 and table["status"][0].as_py() == SHARD_END:
+                table = table.set_column(table.schema.get_field_index("node"), "node",
+                                         pa.array([node], pa.string()))
+            yield table
 
 
 def add_caption_scores(batch: pa.Table, scorer: CaptionScorer) -> pa.Table:
@@ -230,21 +237,24 @@ class ShardTracker:
     def __init__(self):
         self.parts = defaultdict(dict)   # shard -> {part name: rows}
         self.expected = {}               # shard -> rows announced by the reader's marker
+        self.read_node = {}              # shard -> the node that read it
         self.closed = set()
 
-    def add(self, shard: str, part: str | None, rows: int, expected: int | None) -> int | None:
-        """Record a part (and/or the marker); return the shard's row count when this call
-        completes it, else None."""
+    def add(self, shard: str, part: str | None, rows: int, expected: int | None,
+            read_node: str | None = None) -> tuple[int, str | None] | None:
+        """Record a part (and/or the marker); return ``(rows, reading node)`` of the shard when
+        this call completes it, else None."""
         if shard in self.closed:
             return None
         if part is not None:
             self.parts[shard][part] = rows
         if expected is not None:
             self.expected[shard] = expected
+            self.read_node[shard] = read_node
         if shard in self.expected and sum(self.parts[shard].values()) == self.expected[shard]:
             self.closed.add(shard)
             self.parts.pop(shard, None)
-            return self.expected.pop(shard)
+            return self.expected.pop(shard), self.read_node.pop(shard, None)
         return None
 
     def open_shards(self) -> list[str]:
@@ -270,12 +280,14 @@ def write_blocks(batch: pa.Table, out_url: str, tracker, storage: Storage | None
     results = []
     for shard, records in by_shard.items():
         rows = [r for r in records if r["status"] != SHARD_END]
-        expected = next((r["shard_rows"] for r in records if r["status"] == SHARD_END), None)
+        marker = next((r for r in records if r["status"] == SHARD_END), None)
+        expected, read_node = (marker["shard_rows"], marker.get("node")) if marker else (None, None)
         try:
             part = write_part(out, shard, rows) if rows else None
-            complete = ray.get(tracker.add.remote(shard, part, len(rows), expected))
+            complete = ray.get(tracker.add.remote(shard, part, len(rows), expected, read_node))
             if complete is not None:
-                summary = finalize_shard(out, shard, complete)
+                nodes = {"read": complete[1], "written": ray.get_runtime_context().get_node_id()}
+                summary = finalize_shard(out, shard, complete[0], nodes=nodes)
                 results.append({"shard": shard, "summary": json.dumps(summary), "error": None})
         except Exception as exc:  # noqa: BLE001 - the shard stays uncommitted; the job says so
             results.append({"shard": shard, "summary": None, "error": f"{type(exc).__name__}: {exc}"})
@@ -289,6 +301,8 @@ def build_dataset(pending: list[InputShard], cfg: dict, out_url: str, tracker,
     stages, opts = cfg["stages"], IngestOptions.from_config(cfg["ingest"])
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(cfg.get("progress", True))
+    if stages.get("wait_for_actors_s"):
+        ctx.wait_for_min_actors_s = int(stages["wait_for_actors_s"])
     cap_cfg = CaptionFilterConfig.from_config(cfg["filters"])
     ts_cfg = TextSpottingConfig.from_config(cfg["filters"]["text_spotting"])
     cs = stages["caption"]
@@ -309,7 +323,9 @@ def build_dataset(pending: list[InputShard], cfg: dict, out_url: str, tracker,
                                                    "ocr_all": ts_cfg.enabled and ts_cfg.evaluate_all,
                                                    "storage": storage},
                             batch_size=cs["batch_size"], batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(size=cs["actors"]),
+                            compute=ray.data.ActorPoolStrategy(
+                                size=cs["actors"],
+                                max_tasks_in_flight_per_actor=cs.get("tasks_in_flight_per_actor")),
                             num_cpus=cs["num_cpus"], num_gpus=cs.get("num_gpus", 0))
     if ts_cfg.enabled:
         os_ = stages["ocr"]
