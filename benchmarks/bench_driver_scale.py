@@ -10,8 +10,8 @@ It prints the 5M/100k ratios; the target is a peak-RSS ratio <= 1.2 and time gro
 than the number of shards.
 
 Part 2 runs the real curation job (local Ray, C+A, text spotting off) on the demo data at two
-sizes and reports the driver process's CPU time per input sample, which should be ~0: no
-per-sample row reaches the driver.
+sizes (the same 4 shards, more samples in each) and reports the driver process's CPU time per
+input sample, which should be ~0: no per-sample row reaches the driver.
 
     python benchmarks/bench_driver_scale.py [--sizes 100000 1000000 5000000] [--skip-job]
 """
@@ -38,6 +38,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from curation.output import STATS_SCHEMA, OutputFolder, shard_summary  # noqa: E402
 
 ROWS_PER_SHARD = 10_000
+JOB_SHARDS = 4  # part 2: the same shards at every size, so only the samples per shard grow
 SHARED_CAPTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "laion_captions_1000.parquet"
 WORDS = ("a man riding a red bicycle down the street photo of the beach at sunset with people "
          "walking dogs stock image vintage poster wedding dress modern kitchen interior design "
@@ -145,7 +146,7 @@ def driver_cpu_per_sample(sizes: list[int]) -> list[dict]:
     work = Path(tempfile.mkdtemp(prefix="drvcpu"))
     try:
         for n in sizes:
-            inp = build_demo_dataset(work / f"in{n}", num_samples=n, num_shards=max(2, n // 250))
+            inp = build_demo_dataset(work / f"in{n}", num_samples=n, num_shards=JOB_SHARDS)
             cfg = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml",
                                overrides=[f"input={inp}", f"output={work / f'out{n}'}",
                                           "progress=false", "report=false",
@@ -162,7 +163,7 @@ def driver_cpu_per_sample(sizes: list[int]) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 5_000_000])
-    ap.add_argument("--job-sizes", type=int, nargs="+", default=[500, 2000])
+    ap.add_argument("--job-sizes", type=int, nargs="+", default=[400, 4000])
     ap.add_argument("--skip-job", action="store_true", help="skip part 2 (the real job)")
     ap.add_argument("--child", choices=["end_of_job", "report"], help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
               f"{tim:6.1f} (target <= {shard_ratio:.0f})  {verdict}")
 
     if not args.skip_job:
-        print("\nreal curation job (local Ray, 2 CPUs, C+A, OCR off): driver CPU per sample")
+        print(f"\nreal curation job (local Ray, 2 CPUs, C+A, OCR off, {JOB_SHARDS} shards): driver CPU")
         job = driver_cpu_per_sample(args.job_sizes)
         for r in job:
             print(f"  {r['samples']:>6} samples: driver CPU {r['driver_cpu_s']:6.2f} s, "

@@ -348,16 +348,23 @@ def build_dataset(pending: list[InputShard], cfg: dict, out_url: str, tracker,
                           concurrency=ws.get("concurrency"))
 
 
-def warn_local_paths_on_cluster(paths: dict[str, str], log=print) -> None:
+def local_path_warning(paths: dict[str, str | None], num_nodes: int) -> str | None:
+    """The warning for local paths on a cluster of several nodes (None when there is none)."""
+    local = {k: v for k, v in paths.items() if v and not is_remote(v)}
+    if num_nodes <= 1 or not local:
+        return None
+    return ("warning: " + ", ".join(f"{k}={v}" for k, v in local.items())
+            + f": local path(s) on a {num_nodes}-node Ray cluster: every node must see the same "
+            "folder (a shared mount), or use object storage (s3://...)")
+
+
+def warn_local_paths_on_cluster(paths: dict[str, str | None], log=print) -> None:
     """Local paths on a cluster of several nodes work only when every node mounts them."""
     import ray
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    local = {k: v for k, v in paths.items() if v and not is_remote(v)}
-    if len(nodes) > 1 and local:
-        log("warning: " + ", ".join(f"{k}={v}" for k, v in local.items())
-            + f" is a local path on a {len(nodes)}-node Ray cluster: every node must see the same "
-            "folder (a shared mount), or use object storage (s3://...)")
+    message = local_path_warning(paths, len([n for n in ray.nodes() if n.get("Alive")]))
+    if message:
+        log(message)
 
 
 def curate(cfg: dict, log=print) -> dict:
