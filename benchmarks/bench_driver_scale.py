@@ -106,6 +106,19 @@ def build_output(root: Path, num_rows: int, captions: list[str]) -> None:
         out.write_json(f"shard_summaries/{name}.json", shard_summary(name, t, tar_bytes=0))
 
 
+def build_many_shards(root: Path, num_shards: int) -> None:
+    """A LAION-sized output's bookkeeping: ``num_shards`` committed shards (empty stats files,
+    real per-shard summaries of a 10,000-row shard), for the listing and the end-of-job step."""
+    out = OutputFolder(str(root))
+    out.prepare()
+    t = synthetic_shard("t", caption_pool(200), random.Random(1))
+    proto = shard_summary("t", t, tar_bytes=123_456_789)
+    for s in range(num_shards):
+        name = f"{s:06d}"
+        (root / "stats" / f"{name}.parquet").write_bytes(b"")
+        (root / "shard_summaries" / f"{name}.json").write_text(json.dumps({**proto, "shard": name}))
+
+
 def child(root: str, what: str) -> dict:
     """Runs in a fresh process: the end-of-job step or the report; time and peak RSS."""
     from curation.output import aggregate, format_funnel
@@ -165,6 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 5_000_000])
     ap.add_argument("--job-sizes", type=int, nargs="+", default=[400, 4000])
     ap.add_argument("--skip-job", action="store_true", help="skip part 2 (the real job)")
+    ap.add_argument("--many-shards", type=int, default=200_000,
+                    help="part 3: committed-shard listing + end-of-job step at this many shards (0: skip)")
     ap.add_argument("--child", choices=["end_of_job", "report"], help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -214,6 +229,20 @@ def main(argv=None) -> int:
         print(f"  marginal driver CPU per extra sample: {1e3 * marginal:.3f} ms "
               f"(the driver's Ray Data executor works per block and per task, not per sample)")
         results.append({"job": job, "marginal_driver_cpu_ms_per_sample": 1e3 * marginal})
+    if args.many_shards:
+        root = Path(tempfile.mkdtemp(prefix="drvshards"))
+        try:
+            build_many_shards(root, args.many_shards)
+            t0 = time.perf_counter()
+            n = len(OutputFolder(str(root)).committed())
+            listing = time.perf_counter() - t0
+            eoj = run_child(root, "end_of_job")
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        print(f"\n{n:,} committed shards (2 billion rows at 10,000 per shard), local disk: listing "
+              f"{listing:.2f} s (one call); end-of-job step {eoj['seconds']:.1f} s, peak RSS "
+              f"{eoj['peak_rss_mb']:.0f} MB")
+        results.append({"many_shards": n, "listing_s": listing, "end_of_job": eoj})
     out = Path("outputs") / "bench_driver_scale.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
