@@ -188,7 +188,7 @@ def label_concepts(cfg: dict, log=print) -> dict:
     import torch
 
     from curation.pipeline import init_ray, warn_local_paths_on_cluster
-    from curation.storage import Storage
+    from curation.storage import Storage, absolute
 
     started = time.time()
     if not cfg.get("input"):
@@ -197,6 +197,13 @@ def label_concepts(cfg: dict, log=print) -> dict:
     if k < 1:
         raise LabelError(f"top_k must be >= 1, not {k}")
     storage = Storage.capture(cfg.get("storage_options")).apply()
+    # absolute before ray.init: under ray job submit the working_dir may be unpacked again later,
+    # leaving the driver in a deleted directory (see training/train.py: absolute_paths)
+    cfg = {**cfg, "input": absolute(cfg["input"]),
+           "teacher": {k: (absolute(v) if k in ("checkpoint", "model_config") and isinstance(v, str) and v
+                           else v) for k, v in cfg["teacher"].items()}}
+    if cfg.get("output"):
+        cfg["output"] = absolute(cfg["output"])
     check_teacher(cfg["teacher"])
     urls = list_curated_shards(cfg["input"])
     out_url = output_url(cfg)

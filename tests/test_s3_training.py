@@ -71,6 +71,7 @@ def test_train_from_bucket_checkpoints_in_bucket_and_resume(ray_session, s3_serv
     assert first["metrics"]["step"] == 6
     assert first["plan"] == {"num_samples": 82, "steps_per_epoch": 5, "total_steps": 6, "local_batch_size": 8}
     assert first["log_dir"] == f"{runs}/bucket-run"
+    assert len(first["metrics"]["worker_nodes"]) == 2  # one Ray node id per rank (one node here)
     assert first["checkpoint"].startswith(f"{runs}/bucket-run/checkpoint_")
     # both workers read the bucket's shards: epoch 0 was every usable sample exactly once
     epoch0 = [k for rank in (0, 1) for r in read_jsonl(debug / f"keys-rank{rank}.jsonl")

@@ -312,7 +312,10 @@ def build_dataset(data_cfg: dict, transform: Callable, *, shuffle_files: bool = 
     ds = ray.data.read_webdataset(paths, filesystem=filesystem, decoder=None,
                                   include_paths=True,  # ``path``: each row's tar, for per-shard side data
                                   shuffle=shuffle,
-                                  override_num_blocks=data_cfg.get("read_blocks") or len(paths))
+                                  override_num_blocks=data_cfg.get("read_blocks") or len(paths),
+                                  # Ray Data's default is 1 CPU per read task: on nodes whose
+                                  # CPUs are partly held by training workers it would never run
+                                  ray_remote_args={"num_cpus": float(data_cfg["num_cpus"])})
     if deterministic:
         ds.context.execution_options.preserve_order = True
     if not data_cfg.get("op_resource_reservation", True):

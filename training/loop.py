@@ -290,6 +290,13 @@ def train_loop_per_worker(config: dict) -> None:
     if mcfg.get("compile"):
         net = torch.compile(net)
 
+    # the Ray node of every rank (in the final metrics and summary.json: where the workers ran)
+    import ray
+
+    worker_nodes = [ray.get_runtime_context().get_node_id()]
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        worker_nodes = [None] * world
+        torch.distributed.all_gather_object(worker_nodes, ray.get_runtime_context().get_node_id())
     logger = MetricsLogger(log_dir, is_main, storage=storage)
     debug = DebugHooks(cfg.get("debug") or {}, rank, log_dir)
     shard = ray.train.get_dataset_shard("train")
@@ -416,7 +423,8 @@ def train_loop_per_worker(config: dict) -> None:
                         logger.log(step, {f"eval/{k}": v for k, v in headline(res).items()},
                                    progress=False)
 
-    final = {"step": step, "epoch": epoch, **{k: v for k, v in last.items() if k != "total_steps"}}
+    final = {"step": step, "epoch": epoch, **{k: v for k, v in last.items() if k != "total_steps"},
+             "worker_nodes": worker_nodes}
     if is_main and eval_cfg.get("enabled", True):
         res = run_eval(recipe, module, eval_cfg, device)
         if res is not None:

@@ -278,6 +278,29 @@ def data_config(DataConfig, deterministic: bool):
     return DataConfig(execution_options=options, enable_shard_locality=False)
 
 
+def absolute_paths(cfg: dict) -> dict:
+    """The config with its local paths made absolute. Done before ``ray.init``: under
+    ``ray job submit`` the driver runs in the job's unpacked working_dir, which Ray may unpack
+    again when the first worker starts on the head node, leaving the driver in a deleted
+    directory (``os.getcwd()`` fails; relative paths no longer resolve)."""
+    import copy
+
+    from curation.storage import absolute
+
+    cfg = copy.deepcopy(cfg)
+    for section, key in (("data", "demo_output"), ("run", "storage_path"), ("run", "log_dir"),
+                         ("eval", "cache_dir"), ("debug", "dir")):
+        sec = cfg.get(section) or {}
+        if isinstance(sec.get(key), str) and sec[key]:
+            sec[key] = absolute(sec[key])
+    train_data = (cfg.get("data") or {}).get("train")
+    if isinstance(train_data, str) and train_data:
+        cfg["data"]["train"] = absolute(train_data)
+    elif isinstance(train_data, (list, tuple)):
+        cfg["data"]["train"] = [absolute(t) for t in train_data]
+    return cfg
+
+
 def train(cfg: dict, log=print) -> dict:
     """Run the training job; returns a summary (checkpoint path, metrics, eval, skipped samples)."""
     import ray
@@ -286,6 +309,7 @@ def train(cfg: dict, log=print) -> dict:
     from curation.storage import Storage, is_remote
 
     storage = Storage.capture(cfg.get("storage_options")).apply()
+    cfg = absolute_paths(cfg)
     init_ray(cfg.get("ray") or {}, storage=storage)
     ray.data.DataContext.get_current().enable_progress_bars = bool(cfg.get("progress", False))
     started = time.time()
