@@ -36,7 +36,7 @@ from curation.ingest import (ERROR, PENDING, SHARD_END, IngestOptions, InputShar
 from curation.ocr import TextSpotter, TextSpottingConfig, make_backend, set_torch_threads
 from curation.output import (EVALUATED, NOT_EVALUATED, OutputFolder, aggregate, finalize_shard,
                              format_funnel, write_part)
-from curation.storage import Storage, is_remote, ray_env_vars
+from curation.storage import Storage, absolute, is_remote, ray_env_vars
 
 
 class PipelineError(RuntimeError):
@@ -386,7 +386,7 @@ def curate(cfg: dict, log=print) -> dict:
         input_url = build_demo_dataset(cfg["demo"]["output"], **{k: v for k, v in cfg["demo"].items() if k != "output"})
         log(f"no input given: using the embedded demo dataset at {input_url}")
     shards = discover_shards(input_url, cfg.get("input_format", "auto"))
-    out_url = cfg["output"] if is_remote(cfg["output"]) else os.path.abspath(cfg["output"])
+    out_url = absolute(cfg["output"])  # workers may run in another directory
     out = OutputFolder(out_url)
     out.prepare()
     out.clean_tmp()

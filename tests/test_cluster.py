@@ -156,3 +156,41 @@ def test_curation_job_on_two_nodes_with_buckets(cluster, s3_server, tmp_path):
     for p in fs.glob(f"{bucket}/curated/stats/*.parquet"):
         keys += pq.read_table(io.BytesIO(fs.cat(p)), columns=["key"])["key"].to_pylist()
     assert len(keys) == len(set(keys)) == 80
+
+
+@pytest.mark.timeout(600)
+def test_two_worker_training_job_on_two_nodes_with_buckets(cluster, s3_server, tmp_path):
+    """`training/train.py` as a Ray job: curated shards in a bucket, two Train workers spread over
+    the two nodes, checkpoints and logs written to the bucket."""
+    from curation.demo_data import build_demo_dataset
+    from curation.pipeline import curate
+    from curation.config import CONFIG_DIR, build_config
+
+    curated = tmp_path / "curated"
+    inp = build_demo_dataset(tmp_path / "in", num_samples=48, num_shards=2)
+    curate(build_config(CONFIG_DIR / "curation" / "cat_filter.yaml",
+                        overrides=[f"input={inp}", f"output={curated}", "progress=false", "report=false",
+                                   "filters.complexity.enabled=false", "filters.action.enabled=false",
+                                   "filters.text_spotting.enabled=false"]),
+           log=lambda *_: None)
+    bucket = s3_server.new_bucket("train2n")
+    s3_server.upload(curated / "shards", f"s3://{bucket}/curated/shards")
+    res = cluster.submit({"env_vars": s3_server.env},
+                         "python", "training/train.py", f"data.train=s3://{bucket}/curated/shards",
+                         f"run.storage_path=s3://{bucket}/runs", "run.name=two-nodes",
+                         "model.arch=micro-vit-32", "scaling.num_workers=2",
+                         "scaling.cpus_per_worker=0.5", "scaling.placement_strategy=SPREAD",
+                         "scaling.use_gpu=false", "data.num_cpus=0.5", "data.map_batch_size=16",
+                         "train.batch_size=8", "train.max_steps=4", "train.checkpoint_every_steps=2",
+                         "train.warmup_steps=1", "train.log_every_steps=1", "eval.enabled=false")
+    assert res is not None and res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    fs = s3_server.filesystem()
+    summary = json.loads(fs.cat(f"{bucket}/runs/two-nodes/summary.json"))
+    assert summary["metrics"]["step"] == 4
+    assert len(set(summary["metrics"]["worker_nodes"])) == 2  # one rank on each node
+    checkpoints = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/runs/two-nodes")
+                         if p.rsplit("/", 1)[-1].startswith("checkpoint_"))
+    assert len(checkpoints) == 2, checkpoints
+    steps = [json.loads(line)["step"] for line in
+             fs.cat(f"{bucket}/runs/two-nodes/metrics.jsonl").decode().splitlines() if line.strip()]
+    assert sorted(set(steps)) == [1, 2, 3, 4]
