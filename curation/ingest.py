@@ -23,7 +23,7 @@ from typing import Iterator
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import tar_file_iterator
 
 from curation.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, probe_image
 
@@ -72,6 +72,8 @@ class IngestOptions:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     decode_images: bool = True
     rows_per_block: int = 256
+    read_retries: int = 3          # I/O errors reading a shard: retries (backoff doubles each time)
+    retry_backoff_s: float = 1.0
 
     @classmethod
     def from_config(cls, cfg: dict) -> "IngestOptions":
@@ -79,8 +81,8 @@ class IngestOptions:
 
 
 def _stem(path: str) -> str:
-    base = posixpath.basename(path)
-    return base.split(".", 1)[0]
+    """The shard name: the file name without its last suffix (``00001.old.tar`` -> ``00001.old``)."""
+    return posixpath.splitext(posixpath.basename(path))[0]
 
 
 def discover_shards(input_url: str, input_format: str = "auto") -> list[InputShard]:
@@ -161,9 +163,9 @@ def sample_row(key: str, shard: str, raw_caption, image: bytes | None, image_ext
     return row
 
 
-def _batched(rows: Iterator[dict], n: int) -> Iterator[pa.Table]:
+def _batched(rows: Iterator[dict], n: int, start: int = 0) -> Iterator[pa.Table]:
     buf = []
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows, start):
         row["row_index"] = i
         buf.append(row)
         if len(buf) >= n:
@@ -192,19 +194,83 @@ def read_sidecar(meta_url: str | None) -> dict[str, dict]:
     return {r["key"]: r for r in table.select(cols).to_pylist() if r.get("key") is not None}
 
 
+def read_sidecar_safely(meta_url: str | None) -> tuple[dict[str, dict], str | None]:
+    """:func:`read_sidecar`, with a corrupt file reported instead of raised (the tar is still
+    read); I/O errors are raised as :class:`ShardReadError`."""
+    try:
+        return read_sidecar(meta_url), None
+    except Exception as exc:  # noqa: BLE001
+        if is_io_error(exc):
+            raise ShardReadError(f"{type(exc).__name__}: {exc}") from exc
+        return {}, f"{posixpath.basename(meta_url)} unreadable: {type(exc).__name__}: {exc}"
+
+
+class ShardReadError(OSError):
+    """An input shard could not be read for a reason outside its bytes (I/O: a connection reset,
+    a flaky mount, a missing object). The shard is retried, and if it still cannot be read it
+    stays uncommitted so that a re-run retries it; it never becomes per-sample errors."""
+
+
+# Libraries whose exceptions mean "the storage or the network failed", not "the bytes are bad":
+# botocore/aiobotocore (S3 connection errors arrive as botocore.exceptions.ConnectionError, not
+# OSError), aiohttp, urllib3/requests (http(s):// and gcsfs), fsspec's own timeouts.
+IO_ERROR_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "requests", "fsspec")
+
+
+def is_io_error(exc: BaseException) -> bool:
+    """I/O failures (retry; never commit) as opposed to bad bytes (per-sample errors)."""
+    import tarfile
+
+    if isinstance(exc, (tarfile.TarError, EOFError, UnicodeError)):
+        return False
+    if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
+        return True
+    return any(c.__module__.split(".")[0] in IO_ERROR_MODULES for c in type(exc).__mro__)
+
+
+def group_members(files: Iterator[dict]) -> Iterator[dict]:
+    """webdataset samples from tar members in order: members ``KEY.EXT`` with the same KEY in a
+    row form one sample. Unlike webdataset's grouping, a member repeated within a sample does not
+    stop the reader: the sample is marked (``__duplicate__``) and reading goes on."""
+    current: dict | None = None
+    for f in files:
+        name = f["fname"]
+        base = posixpath.basename(name)
+        if "." not in base:
+            continue  # no extension: not a sample member
+        key, ext = base.split(".", 1)
+        key = posixpath.join(posixpath.dirname(name), key) if posixpath.dirname(name) else key
+        ext = ext.lower()
+        if current is None or current["__key__"] != key:
+            if current is not None:
+                yield current
+            current = {"__key__": key, "__url__": f.get("__url__")}
+        if ext in current:
+            current.setdefault("__duplicate__", []).append(ext)
+            continue  # the first copy is used
+        current[ext] = f["data"]
+    if current is not None:
+        yield current
+
+
 def iter_tar_samples(data_url: str, errors: list) -> Iterator[dict]:
     """webdataset samples (``__key__`` plus one entry per extension) of one tar.
 
-    A read error (truncated or corrupt tar) ends the iteration and is appended to ``errors``.
+    Bad bytes (a truncated or corrupt tar) end the iteration and are appended to ``errors``;
+    I/O errors (the file or the connection failed) are raised as :class:`ShardReadError`.
     """
     def record(exc):
+        if is_io_error(exc):
+            raise ShardReadError(f"{type(exc).__name__}: {exc}") from exc
         errors.append(f"{type(exc).__name__}: {exc}")
         return False  # stop: nothing after a broken member can be trusted
 
     try:
         with fsspec.open(data_url, "rb") as f:
             files = ({**d, "__url__": data_url} for d in tar_file_iterator(f, handler=record))
-            yield from group_by_keys(files, handler=record)
+            yield from group_members(files)
+    except ShardReadError:
+        raise
     except Exception as exc:  # the tar header iterator raises outside the handler
         record(exc)
 
@@ -216,29 +282,45 @@ def image_entry(sample: dict) -> tuple[str | None, bytes | None]:
     return None, None
 
 
-def _webdataset_rows(shard: InputShard, opts: IngestOptions) -> Iterator[dict]:
-    meta = read_sidecar(shard.meta_url)
-    seen = set()
+def _sample_url(sample: dict, meta: dict) -> str | None:
+    url = meta.get("url")
+    if url is None and "json" in sample:
+        try:
+            parsed = json.loads(sample["json"])
+            url = parsed.get("url") if isinstance(parsed, dict) else None
+        except (ValueError, RecursionError, UnicodeError):
+            url = None  # bad metadata is the sample's own matter: it is kept without a url
+    return url if isinstance(url, str) or url is None else str(url)
+
+
+def _webdataset_rows(shard: InputShard, opts: IngestOptions, notes: list) -> Iterator[dict]:
+    meta, sidecar_error = read_sidecar_safely(shard.meta_url)
+    if sidecar_error:
+        notes.append(sidecar_error)
+    seen: dict[str, int] = {}
     tar_errors: list[str] = []
     if shard.data_url:
         for sample in iter_tar_samples(shard.data_url, tar_errors):
             key = posixpath.basename(sample["__key__"])
             if key in seen:  # img2dataset never repeats a key; a hand-made tar might
-                yield make_row(key, shard.name, status=ERROR,
-                               error=f"duplicate key {key} in {shard.name}.tar: only the first copy is used")
+                seen[key] += 1
+                yield make_row(f"{key}/duplicate-{seen[key]}", shard.name, status=ERROR,
+                               error=f"duplicate key {key} in {shard.name}.tar: only the first "
+                                     "copy is used")
                 continue
-            seen.add(key)
+            seen[key] = 1
             m = meta.get(key, {})
-            url = m.get("url")
-            if url is None and "json" in sample:
-                try:
-                    url = json.loads(sample["json"]).get("url")
-                except (ValueError, AttributeError):
-                    url = None
             ext, image = image_entry(sample)
             raw_caption = sample.get("txt", m.get("caption"))
-            yield sample_row(key, shard.name, raw_caption, image, ext, url, opts,
+            row = sample_row(key, shard.name, raw_caption, image, ext, _sample_url(sample, m), opts,
                              meta_json=sample.get("json"))
+            if sample.get("__duplicate__") and row["status"] != ERROR:
+                row["status"], row["image"], row["meta_json"] = ERROR, None, None
+                row["error"] = (f"duplicate member(s) {', '.join(key + '.' + e for e in sample['__duplicate__'])}"
+                                f" in {shard.name}.tar")
+            elif row["status"] == ERROR and sidecar_error and row["error"] == "missing caption":
+                row["error"] = f"missing caption (no .txt, and {sidecar_error})"
+            yield row
     tar_error = f"{shard.name}.tar unreadable: {tar_errors[0]}" if tar_errors else None
     for key, m in meta.items():
         if key in seen:
@@ -252,11 +334,12 @@ def _webdataset_rows(shard: InputShard, opts: IngestOptions) -> Iterator[dict]:
                            status=NOT_DOWNLOADED, error=m.get("error_message"))
     if tar_error and not meta:
         # Without img2dataset's parquet the samples after the break are unknown: record the loss.
+        why = " (no sidecar parquet" if not sidecar_error else f" ({sidecar_error}"
         yield make_row(f"{shard.name}/unreadable-tail", shard.name, status=ERROR,
-                       error=tar_error + " (no sidecar parquet: samples after this point unknown)")
+                       error=tar_error + why + ": samples after this point unknown)")
 
 
-def _parquet_rows(shard: InputShard, opts: IngestOptions) -> Iterator[dict]:
+def _parquet_rows(shard: InputShard, opts: IngestOptions, notes: list) -> Iterator[dict]:
     with fsspec.open(shard.data_url, "rb") as f:
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
@@ -281,21 +364,61 @@ def _parquet_rows(shard: InputShard, opts: IngestOptions) -> Iterator[dict]:
                                      meta_json=json.dumps(meta, default=str).encode("utf-8"))
 
 
+SHARD_FAILED = "shard_failed"  # status of the marker that closes a shard which could not be read
+
+
 def read_shard(shard: InputShard, opts: IngestOptions) -> Iterator[pa.Table]:
     """Stream one shard as Arrow tables of at most ``opts.rows_per_block`` rows, then the marker.
 
-    Never raises for bad data: a shard that cannot be opened at all becomes one error row.
+    Bad bytes never raise: a shard whose data cannot be parsed at all becomes one error row. An
+    I/O error is retried ``opts.read_retries`` times with exponential backoff; a retry re-reads the shard
+    and skips the rows already streamed (the rows of a shard come out in a fixed order). If the
+    shard still cannot be read, the stream ends with a ``shard_failed`` marker: the writer then
+    leaves the shard uncommitted and the job names it.
     """
-    rows = _webdataset_rows(shard, opts) if shard.format == "webdataset" else _parquet_rows(shard, opts)
-    count = 0
-    try:
-        for table in _batched(rows, opts.rows_per_block):
-            count += table.num_rows
-            yield table
-    except Exception as exc:  # e.g. an unreadable parquet file
-        err = make_row(f"{shard.name}/unreadable", shard.name, status=ERROR,
-                       error=f"cannot read shard {shard.name}: {type(exc).__name__}: {exc}")
-        err["row_index"] = count
-        count += 1
-        yield pa.Table.from_pylist([err], schema=ROW_SCHEMA)
-    yield end_marker(shard.name, count)
+    import time
+
+    emitted, attempt, notes = 0, 0, []
+    retries, backoff_s = opts.read_retries, opts.retry_backoff_s
+    while True:
+        notes.clear()
+        rows = (_webdataset_rows(shard, opts, notes) if shard.format == "webdataset"
+                else _parquet_rows(shard, opts, notes))
+        try:
+            for table in _batched(_skip(rows, emitted), opts.rows_per_block, start=emitted):
+                emitted += table.num_rows
+                yield table
+            break
+        except Exception as exc:  # noqa: BLE001
+            if is_io_error(exc):
+                attempt += 1
+                if attempt > retries:
+                    marker = end_marker(shard.name, emitted)
+                    marker = marker.set_column(marker.schema.get_field_index("status"), "status",
+                                               pa.array([SHARD_FAILED]))
+                    marker = marker.set_column(
+                        marker.schema.get_field_index("error"), "error",
+                        pa.array([f"cannot read shard {shard.name} after {retries} retries: "
+                                  f"{type(exc).__name__}: {exc}"]))
+                    yield marker
+                    return
+                time.sleep(backoff_s * 2 ** (attempt - 1))
+                continue
+            # bad bytes that the row readers did not catch (e.g. an unreadable parquet shard)
+            err = make_row(f"{shard.name}/unreadable", shard.name, status=ERROR,
+                           error=f"cannot read shard {shard.name}: {type(exc).__name__}: {exc}")
+            err["row_index"] = emitted
+            emitted += 1
+            yield pa.Table.from_pylist([err], schema=ROW_SCHEMA)
+            break
+    marker = end_marker(shard.name, emitted)
+    if notes:  # shard-level problems that did not stop the read (e.g. a corrupt sidecar parquet)
+        marker = marker.set_column(marker.schema.get_field_index("error"), "error",
+                                   pa.array(["; ".join(notes)]))
+    yield marker
+
+
+def _skip(rows: Iterator[dict], n: int) -> Iterator[dict]:
+    for i, row in enumerate(rows):
+        if i >= n:
+            yield row

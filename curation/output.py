@@ -199,7 +199,7 @@ class OutputFolder:
 
 # --- writing one shard from parts (runs in Ray workers) -----------------------------------------
 
-def _sample_json(original: bytes | None, stats_row: dict) -> bytes:
+def _sample_json(original: bytes | None, stats_row: dict, extra: dict | None = None) -> bytes:
     meta = {}
     if original:
         try:
@@ -209,6 +209,7 @@ def _sample_json(original: bytes | None, stats_row: dict) -> bytes:
         if not isinstance(meta, dict):
             meta = {"original_json_error": "the input sample's json is not an object"}
     meta["cat"] = {k: stats_row[k] for k in SCORE_COLUMNS if stats_row.get(k) is not None}
+    meta.update(extra or {})
     try:
         return json.dumps(meta, ensure_ascii=False).encode("utf-8")
     except (ValueError, RecursionError):  # e.g. nesting too deep to write back
@@ -216,11 +217,32 @@ def _sample_json(original: bytes | None, stats_row: dict) -> bytes:
                            "cat": meta["cat"]}).encode("utf-8")
 
 
+TRAINABLE_FORMATS = ("jpg", "jpeg", "png", "webp")  # what open_clip_train's loader reads
+
+
+def to_png(data: bytes) -> bytes:
+    """Re-encode an image in another format (GIF, TIFF, BMP) once, as PNG (first frame)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.seek(0)
+        keep_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+        out = io.BytesIO()
+        img.convert("RGBA" if keep_alpha else "RGB").save(out, format="PNG")
+    return out.getvalue()
+
+
 def kept_sample(row: dict) -> dict:
-    """The webdataset sample written for a kept row: its original image bytes, the caption, and
-    the original metadata with the CAT scores added under ``cat``."""
-    return {"__key__": row["key"], row["image_format"]: row["image"],
-            "txt": row["caption"].encode("utf-8"), "json": _sample_json(row.get("meta_json"), row)}
+    """The webdataset sample written for a kept row: its original image bytes (converted once to
+    PNG when open_clip_train could not read its format), the caption it was judged on, and the
+    original metadata with the CAT scores added under ``cat``."""
+    ext, image = (row["image_format"] or "").lower(), row["image"]
+    extra = {}
+    if ext not in TRAINABLE_FORMATS:
+        image, extra = to_png(image), {"original_image_format": ext}
+        ext = "png"
+    return {"__key__": row["key"], ext: image, "txt": row["caption"].encode("utf-8"),
+            "json": _sample_json(row.get("meta_json"), row, extra)}
 
 
 def part_name(rows: list[dict]) -> str:
@@ -269,7 +291,7 @@ def _copy_tar_members(src, sink: tarfile.TarFile) -> int:
 
 
 def finalize_shard(out: OutputFolder, shard: str, expected_rows: int,
-                   nodes: dict | None = None) -> dict:
+                   nodes: dict | None = None, notes: str | None = None) -> dict:
     """Concatenate a complete shard's parts into ``shards/NAME.tar``, write its summary, then
     commit ``stats/NAME.parquet``; remove the parts. Returns the shard's summary."""
     folder = out.path(out.PARTS, shard)
@@ -300,6 +322,8 @@ def finalize_shard(out: OutputFolder, shard: str, expected_rows: int,
     summary = shard_summary(shard, stats, tar_bytes=tar_bytes)
     if nodes:
         summary["nodes"] = nodes  # which Ray nodes read and finalized it
+    if notes:
+        summary["input_errors"] = notes  # shard-level problems that did not stop it (bad sidecar)
     if kept and members < kept:
         raise RuntimeError(f"shard {shard}: {kept} samples kept but {members} files in its parts")
     out.write_json(posixpath.join("shard_summaries", f"{shard}.json"), summary)

@@ -31,7 +31,7 @@ from collections import defaultdict
 import pyarrow as pa
 
 from curation.caption_filters import CaptionFilterConfig, CaptionScorer
-from curation.ingest import (ERROR, PENDING, SHARD_END, IngestOptions, InputShard, discover_shards,
+from curation.ingest import (ERROR, PENDING, SHARD_END, SHARD_FAILED, IngestOptions, InputShard, discover_shards,
                              read_shard)
 from curation.ocr import TextSpotter, TextSpottingConfig, make_backend, set_torch_threads
 from curation.output import (EVALUATED, NOT_EVALUATED, OutputFolder, aggregate, finalize_shard,
@@ -53,7 +53,7 @@ def read_shards_batch(batch: pa.Table, opts: IngestOptions, storage: Storage | N
     node = ray.get_runtime_context().get_node_id()
     for spec in batch.to_pylist():
         for table in read_shard(InputShard(**spec), opts):
-            if table.num_rows == 1 and table["status"][0].as_py() == SHARD_END:
+            if table.num_rows == 1 and table["status"][0].as_py() in (SHARD_END, SHARD_FAILED):
                 table = table.set_column(table.schema.get_field_index("node"), "node",
                                          pa.array([node], pa.string()))
             yield table
@@ -241,21 +241,29 @@ class ShardTracker:
         self.closed = set()
 
     def add(self, shard: str, part: str | None, rows: int, expected: int | None,
-            read_node: str | None = None) -> tuple[int, str | None] | None:
-        """Record a part (and/or the marker); return ``(rows, reading node)`` of the shard when
-        this call completes it, else None."""
+            read_node: str | None = None, notes: str | None = None):
+        """Record a part (and/or the marker); return ``(rows, reading node, notes)`` of the shard
+        when this call completes it, else None."""
         if shard in self.closed:
             return None
         if part is not None:
             self.parts[shard][part] = rows
         if expected is not None:
             self.expected[shard] = expected
-            self.read_node[shard] = read_node
+            self.read_node[shard] = (read_node, notes)
         if shard in self.expected and sum(self.parts[shard].values()) == self.expected[shard]:
             self.closed.add(shard)
             self.parts.pop(shard, None)
-            return self.expected.pop(shard), self.read_node.pop(shard, None)
+            node, notes = self.read_node.pop(shard, (None, None))
+            return self.expected.pop(shard), node, notes
         return None
+
+    def fail(self, shard: str) -> None:
+        """The shard could not be read: it is never finalized (its parts are dropped)."""
+        self.closed.add(shard)
+        self.parts.pop(shard, None)
+        self.expected.pop(shard, None)
+        self.read_node.pop(shard, None)
 
     def open_shards(self) -> list[str]:
         return sorted((set(self.parts) | set(self.expected)) - self.closed)
@@ -279,15 +287,20 @@ def write_blocks(batch: pa.Table, out_url: str, tracker, storage: Storage | None
         by_shard[r["shard"]].append(r)
     results = []
     for shard, records in by_shard.items():
-        rows = [r for r in records if r["status"] != SHARD_END]
-        marker = next((r for r in records if r["status"] == SHARD_END), None)
-        expected, read_node = (marker["shard_rows"], marker.get("node")) if marker else (None, None)
+        rows = [r for r in records if r["status"] not in (SHARD_END, SHARD_FAILED)]
+        marker = next((r for r in records if r["status"] in (SHARD_END, SHARD_FAILED)), None)
+        if marker is not None and marker["status"] == SHARD_FAILED:
+            ray.get(tracker.fail.remote(shard))
+            results.append({"shard": shard, "summary": None, "error": marker["error"]})
+            continue
+        expected, read_node, notes = ((marker["shard_rows"], marker.get("node"), marker.get("error"))
+                                      if marker else (None, None, None))
         try:
             part = write_part(out, shard, rows) if rows else None
-            complete = ray.get(tracker.add.remote(shard, part, len(rows), expected, read_node))
+            complete = ray.get(tracker.add.remote(shard, part, len(rows), expected, read_node, notes))
             if complete is not None:
                 nodes = {"read": complete[1], "written": ray.get_runtime_context().get_node_id()}
-                summary = finalize_shard(out, shard, complete[0], nodes=nodes)
+                summary = finalize_shard(out, shard, complete[0], nodes=nodes, notes=complete[2])
                 results.append({"shard": shard, "summary": json.dumps(summary), "error": None})
         except Exception as exc:  # noqa: BLE001 - the shard stays uncommitted; the job says so
             results.append({"shard": shard, "summary": None, "error": f"{type(exc).__name__}: {exc}"})

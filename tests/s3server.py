@@ -149,3 +149,106 @@ class SeaweedS3:
             dest = local / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(key, str(dest))
+
+
+class FlakyProxy:
+    """A TCP proxy in front of the S3 server that can break reads of chosen objects for real:
+    an HTTP request whose request line names a broken key gets its connection reset (RST), as a
+    dropped connection or a load balancer hiccup would. Everything else passes through."""
+
+    def __init__(self, upstream_port: int):
+        import threading
+
+        self.upstream = upstream_port
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.broken: list[bytes] = []
+        self.resets = 0
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def break_reads(self, *keys: str) -> None:
+        self.broken = [k.encode() for k in keys]
+
+    def heal(self) -> None:
+        self.broken = []
+
+    def close(self) -> None:
+        self._closed = True
+        self.sock.close()
+
+    def _accept(self):
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    @staticmethod
+    def _reset(*socks):
+        import struct
+
+        for s in socks:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+            except OSError:
+                pass
+
+    def _serve(self, client):
+        import threading
+
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+        except OSError:
+            self._reset(client)
+            return
+
+        def pipe_back():
+            try:
+                while data := upstream.recv(65536):
+                    client.sendall(data)
+            except OSError:
+                pass
+            finally:
+                self._reset(client)
+
+        threading.Thread(target=pipe_back, daemon=True).start()
+        buf, body_left, raw = b"", 0, False
+        try:
+            while data := client.recv(65536):
+                buf += data
+                while buf:
+                    if raw or body_left:
+                        n = len(buf) if raw else min(body_left, len(buf))
+                        upstream.sendall(buf[:n])
+                        buf, body_left = buf[n:], (0 if raw else body_left - n)
+                        continue
+                    end = buf.find(b"\r\n\r\n")
+                    if end < 0:
+                        break
+                    head, buf = buf[:end + 4], buf[end + 4:]
+                    line = head.split(b"\r\n", 1)[0]
+                    path = line.split(b" ")[1] if b" " in line else b""
+                    if any(k in path for k in self.broken):
+                        self.resets += 1
+                        self._reset(client, upstream)
+                        return
+                    lower = head.lower()
+                    if b"transfer-encoding: chunked" in lower:
+                        raw = True  # pass the rest of this connection through unparsed
+                    for h in lower.split(b"\r\n"):
+                        if h.startswith(b"content-length:"):
+                            body_left = int(h.split(b":", 1)[1])
+                    upstream.sendall(head)
+        except OSError:
+            pass
+        finally:
+            self._reset(upstream)

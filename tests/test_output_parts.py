@@ -47,9 +47,12 @@ def test_tracker_completes_each_shard_exactly_once():
     assert t.add("a", "000-009", 10, None) is None          # a retried task: counted once
     assert t.add("a", None, 0, 25, "node1") is None           # the marker: 25 rows expected
     assert t.open_shards() == ["a"]
-    assert t.add("a", "010-024", 15, None) == (25, "node1")   # this call completes it
+    assert t.add("a", "010-024", 15, None) == (25, "node1", None)  # this call completes it
     assert t.add("a", "010-024", 15, None) is None            # a late retry never finalizes twice
-    assert t.add("b", None, 0, 0, "node2") == (0, "node2")    # an empty shard completes on its marker
+    assert t.add("b", None, 0, 0, "node2", "b.parquet unreadable") == (0, "node2", "b.parquet unreadable")
+    assert t.add("c", "000-004", 5, None) is None
+    t.fail("c")                                               # unreadable: never finalized
+    assert t.add("c", None, 0, 5, "node1") is None
     assert t.open_shards() == []
 
 
