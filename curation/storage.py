@@ -47,17 +47,19 @@ class Storage:
         return cls(env=env, options=dict(storage_options or {}))
 
     def apply(self) -> "Storage":
-        """Make this process open URLs as the driver does (idempotent, cheap)."""
+        """Make this process open URLs as the driver does (idempotent, cheap). fsspec's defaults
+        for ``s3`` become exactly the job's ``storage_options``; the AWS variables are set (a
+        variable the driver does not have is left as the worker has it)."""
         changed = False
         for k, v in self.env.items():
             if os.environ.get(k) != v:
                 os.environ[k] = v
                 changed = True
         for proto in OBJECT_STORE_PROTOCOLS:
-            current = fsspec.config.conf.get(proto, {})
-            merged = {**current, **self.options}
-            if merged != current:
-                fsspec.config.conf[proto] = merged
+            # The job's options replace whatever this process held before (a reused worker, or
+            # a driver that ran another job): the settings of one job never leak into the next.
+            if fsspec.config.conf.get(proto, {}) != dict(self.options):
+                fsspec.config.conf[proto] = dict(self.options)
                 changed = True
         if changed:  # filesystems cached before this point were built with other settings
             _clear_fs_cache()
