@@ -159,7 +159,7 @@ def test_curation_job_on_two_nodes_with_buckets(cluster, s3_server, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_two_worker_training_job_on_two_nodes_with_buckets(cluster, s3_server, tmp_path):
+def test_two_worker_training_job_on_two_nodes_with_buckets(ray_session, cluster, s3_server, tmp_path):
     """`training/train.py` as a Ray job: curated shards in a bucket, two Train workers spread over
     the two nodes, checkpoints and logs written to the bucket."""
     from curation.demo_data import build_demo_dataset
