@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_caption_filters.py
 	$(PY) benchmarks/bench_text_spotting.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_driver_scale.py
 
 compare: $(STAMP) sysdeps
 	$(PY) benchmarks/compare_recipes.py
