@@ -110,7 +110,7 @@ class TwoNodeCluster:
             p.terminate()
         for p in self.procs:
             try:
-                p.wait(timeout=20)
+                p.wait(timeout=5)  # nothing of the cluster needs to survive the tests
             except subprocess.TimeoutExpired:
                 p.kill()
         _kill_cluster(self.temp_dir)
