@@ -453,7 +453,7 @@ def curate(cfg: dict, log=print) -> dict:
         from curation.report import write_report
 
         try:
-            log(f"report: {write_report(out.url)}")
+            log(f"report: {write_report(out.url, committed=sorted(committed), funnel=total)}")
         except Exception as exc:  # the report is a convenience: never fail the job for it
             log(f"report not written: {type(exc).__name__}: {exc}")
     if failures:

@@ -144,13 +144,13 @@ def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def stats_connection(out: OutputFolder):
+def stats_connection(out: OutputFolder, any_committed: bool):
     """A DuckDB connection and the SQL source of every committed stats file (None when there
     are none). Object storage is read through the output's own fsspec filesystem."""
     import duckdb
 
     con = duckdb.connect(config={"memory_limit": "1GB", "threads": 2})
-    if not out.committed():
+    if not any_committed:
         return con, None
     root = out.path("stats")
     if out.remote:
@@ -160,13 +160,15 @@ def stats_connection(out: OutputFolder):
     return con, source
 
 
-def stats_aggregates(out: OutputFolder) -> dict:
+def stats_aggregates(out: OutputFolder, any_committed: bool | None = None) -> dict:
     """Histograms (the same bins as :func:`int_histogram` / :func:`float_histogram`) of the
     evaluated samples and the drop-reason / error counts, streamed by DuckDB."""
     empty = {"complexity": int_histogram([], INT_CAPS["complexity"]),
              "num_actions": int_histogram([], INT_CAPS["num_actions"]),
              "text_overlap": float_histogram([], OVERLAP_BINS), "reasons": {}}
-    con, src = stats_connection(out)
+    if any_committed is None:
+        any_committed = bool(out.committed())
+    con, src = stats_connection(out, any_committed)
     if src is None:
         return empty
     evaluated = "status IN ('kept', 'dropped')"
@@ -278,16 +280,21 @@ elapsed {summary.get('elapsed_s', '?')} s &middot; text spotting
 """
 
 
-def write_report(output_url: str, examples: int = 6) -> str:
-    """Build ``OUTPUT/report.html`` from the committed stats and ``summary.json``; returns its path."""
+def write_report(output_url: str, examples: int = 6, committed: list[str] | None = None,
+                 funnel: dict | None = None) -> str:
+    """Build ``OUTPUT/report.html`` from the committed stats and ``summary.json``; returns its path.
+
+    The job passes the committed shards and the funnel it has just added up, so the report
+    neither lists ``stats/`` again nor re-reads every shard summary."""
     out = OutputFolder(output_url)
     if not out.fs.exists(out.root):
         raise FileNotFoundError(f"no curation output at {output_url}")
     summary = out.read_json("summary.json", {}) or {}
-    committed = sorted(out.committed())
-    funnel, _, _ = aggregate(out, committed)
+    committed = sorted(out.committed() if committed is None else committed)
+    if funnel is None:
+        funnel, _, _ = aggregate(out, committed)
     sample = out.read_stats(names=committed[:EXAMPLE_SHARDS])
-    page = build_report(funnel, stats_aggregates(out), sample, summary, examples)
+    page = build_report(funnel, stats_aggregates(out, bool(committed)), sample, summary, examples)
     out.fs.makedirs(out.path("_tmp"), exist_ok=True)
     out.put(page.encode("utf-8"), out.path("report.html"))
     return out.path("report.html")
