@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from tests.gloo import free_port, process_group
 from training.losses.hnnce import hnnce_loss
 
 
@@ -149,9 +149,8 @@ def test_bad_input_gives_clear_errors():
 _ALPHA, _BETA = 1.0, 0.5
 
 
-def _worker(rank, world, init_file, data_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+def _worker(rank, world, port, data_file, out_dir):
+    with process_group(rank, world, port):
         data = torch.load(data_file)
         n = data["image"].shape[0] // world
         x = data["image"][rank * n : (rank + 1) * n].clone().requires_grad_(True)
@@ -164,8 +163,6 @@ def _worker(rank, world, init_file, data_file, out_dir):
             {"loss": loss.detach(), "gx": x.grad / world, "gy": y.grad / world, "gs": scale.grad},
             f"{out_dir}/{rank}.pt",
         )
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_workers_equal_one_process(tmp_path):
@@ -174,7 +171,7 @@ def test_two_workers_equal_one_process(tmp_path):
     torch.save({"image": x, "text": y, "scale": scale}, tmp_path / "data.pt")
     mp.spawn(
         _worker,
-        args=(2, str(tmp_path / "pg"), str(tmp_path / "data.pt"), str(tmp_path)),
+        args=(2, free_port(), str(tmp_path / "data.pt"), str(tmp_path)),
         nprocs=2,
         join=True,
     )

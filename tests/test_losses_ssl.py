@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tests.gloo import free_port, process_group
 from training.ema import EMA
 from training.losses.improved import improved_clip_loss
 from training.losses.registry import SSL_COMPANIONS, build_ssl
@@ -352,19 +352,16 @@ def _run(data, rank, world):
     return results
 
 
-def _worker(rank, world, init_file, data_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+def _worker(rank, world, port, data_file, out_dir):
+    with process_group(rank, world, port):
         torch.save(_run(torch.load(data_file), rank, world), f"{out_dir}/{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_workers_equal_one_process(tmp_path):
     data = {k: _unit(40 + i, 8, 6) for i, k in enumerate(_ROWS)}
     data["scale"], data["scale_s"] = torch.tensor(12.0), torch.tensor(9.0)
     torch.save(data, tmp_path / "data.pt")
-    mp.spawn(_worker, args=(2, str(tmp_path / "pg"), str(tmp_path / "data.pt"), str(tmp_path)), nprocs=2)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "data.pt"), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
     single = _run(data, 0, 1)
     for name, want in single.items():

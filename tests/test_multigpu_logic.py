@@ -27,7 +27,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import socket
 import tarfile
 import threading
 
@@ -38,6 +37,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+
+from tests.gloo import free_port, process_group
 
 WORLD = 2
 GLOBAL_BATCH = 8
@@ -192,9 +193,7 @@ def _decisions(rank: int) -> dict:
 
 
 def _worker(rank, world, port, vocab_dir, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with process_group(rank, world, port):
         torch.set_num_threads(1)
         result = {"decisions": _decisions(rank)}
         for name in ("clip", "diht", "improved"):
@@ -202,21 +201,13 @@ def _worker(rank, world, port, vocab_dir, out_dir):
             terms, grads = run_step(net, local_rows(global_batch(name), rank, world))
             result[name] = {"terms": terms, "grads": grads}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multigpu")
     vocab = write_vocab(str(tmp / "concepts"))
-    mp.spawn(_worker, args=(WORLD, _free_port(), vocab, str(tmp)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(WORLD, free_port(), vocab, str(tmp)), nprocs=WORLD, join=True)
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)], vocab
 
 

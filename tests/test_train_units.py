@@ -3,7 +3,6 @@
 import io
 import math
 import os
-import socket
 import tarfile
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from tests.gloo import free_port, process_group
 from training.losses.clip import clip_loss
 
 ARCH = "micro-vit-32"
@@ -68,11 +68,7 @@ def global_batch():
 
 
 def _worker(rank, world, port, out_dir):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with process_group(rank, world, port):
         model = torch.nn.parallel.DistributedDataParallel(TinyTowers())
         x, t = global_batch()
         n = x.shape[0] // world
@@ -84,20 +80,12 @@ def _worker(rank, world, port, out_dir):
         torch.save({"loss": all_reduce_mean(loss).item(),
                     "grads": {k: p.grad.clone() for k, p in model.module.named_parameters()}},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_workers_match_one_process_on_the_global_batch(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     model = TinyTowers()
     x, t = global_batch()
     loss = clip_loss(*model(x, t))

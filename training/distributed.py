@@ -29,9 +29,29 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return x
-    from torch.distributed.nn.functional import all_gather
+    return torch.cat(_GatherWithGrad.apply(x), dim=0)
 
-    return torch.cat(all_gather(x), dim=0)
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the summed gradient of its own slice.
+
+    The same layer as SLIP's and CLIP 🚀's ``GatherLayer``. ``torch.distributed.nn``'s
+    ``all_gather`` (deprecated) does the same through an all-to-all on gloo, and with torch 2.14
+    that path now and then aborts the worker at exit ("terminate called without an active
+    exception").
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        stacked = torch.stack(grads)
+        dist.all_reduce(stacked)
+        return stacked[dist.get_rank()]
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
