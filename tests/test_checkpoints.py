@@ -274,3 +274,76 @@ def test_evaluate_from_s3_with_storage_options_only(rocket_checkpoint, s3_server
     config.write_text(yaml.safe_dump({"storage_options": s3_server.storage_options}))
     got = _evaluate(_job(), url, tmp_path / "r.json", "--config", str(config))
     assert _strip(got) == _strip(trainer_results)
+
+
+# --- which checkpoint a restarted run resumes from ---------------------------------------------------------
+
+class _RayCheckpoint:
+    """What ``ray.train.get_checkpoint()`` returns, as far as resume_dir uses it."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def as_directory(self):
+        import contextlib
+
+        return contextlib.nullcontext(str(self.folder))
+
+
+def _fake_checkpoint(run: Path, step: int, complete: bool) -> Path:
+    from training.checkpoint import checkpoint_dir_name, mark_complete
+
+    folder = run / checkpoint_dir_name(step)
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps({"step": step, "epoch": step // 5, "epoch_step": step % 5}))
+    (folder / "train_state.pt").write_bytes(b"x" * step)
+    if complete:
+        mark_complete(str(run), step, step // 5)
+    return folder
+
+
+def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
+    """Ray Train recorded step 8; step 12 was uploaded and marked complete (then the worker was
+    killed before Ray recorded it); step 16 was cut off mid-upload (no marker). Resume takes 12."""
+    from training.checkpoint import newest_complete
+    from training.loop import resume_dir
+
+    run = tmp_path / "run"
+    assert newest_complete(str(run)) is None
+    with resume_dir(None, str(run)) as d:
+        assert d is None  # a fresh start
+    c8 = _fake_checkpoint(run, 8, complete=True)
+    _fake_checkpoint(run, 12, complete=True)
+    _fake_checkpoint(run, 16, complete=False)
+    (run / "checkpoint_step_0000000020").mkdir()  # an empty folder, no marker
+    folder, step = newest_complete(str(run))
+    assert step == 12 and folder.endswith("checkpoint_step_0000000012")
+    with resume_dir(_RayCheckpoint(c8), str(run)) as d:
+        assert json.loads((Path(d) / "meta.json").read_text())["step"] == 12
+        assert (Path(d) / "train_state.pt").read_bytes() == b"x" * 12
+    # Ray's own record wins when it is as new (no copy) or newer
+    c24 = _fake_checkpoint(run, 24, complete=False)
+    with resume_dir(_RayCheckpoint(c24), str(run)) as d:
+        assert d == str(c24)
+    # a corrupt marker does not count
+    (run / "checkpoint_step_0000000016" / "checkpoint_complete.json").write_text("{not json")
+    assert newest_complete(str(run))[1] == 12
+
+
+def test_newest_complete_on_s3(s3_env, tmp_path):
+    from training.checkpoint import fetch_dir, mark_complete, newest_complete
+
+    from training.data import url_to_fs
+
+    run = f"s3://{s3_env.new_bucket('resume')}/runs/run"
+    fs, _ = url_to_fs(run)
+    for step in (4, 8):
+        fs.pipe_file(f"{run[5:]}/checkpoint_step_{step:010d}/meta.json", json.dumps({"step": step}).encode())
+    mark_complete(run, 4, 0)
+    assert newest_complete(run) == (f"{run}/checkpoint_step_0000000004", 4)
+    mark_complete(run, 8, 1)
+    folder, step = newest_complete(run)
+    assert step == 8
+    local = fetch_dir(folder, tmp_path / "got")
+    assert json.loads((local / "meta.json").read_text()) == {"step": 8}
+    assert json.loads((local / "checkpoint_complete.json").read_text()) == {"step": 8, "epoch": 1}

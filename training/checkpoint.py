@@ -20,6 +20,9 @@ A checkpoint directory (what ``ray.train.report`` persists) holds
 
 * ``train_state.pt``: the whole trained module (model wrapper + trainable loss modules),
   optimizer, scheduler, grad scaler, step and epoch;
+* ``checkpoint_complete.json``: ``{"step", "epoch"}``, written by the trainer only after Ray
+  Train has uploaded the folder; a folder without it (a worker killed mid-upload) is never
+  resumed from. See :func:`newest_complete`.
 * ``meta.json``: architecture, recipe, step, epoch, the training config and the ``open_clip``
   entry above (readable without torch). ``pipelines/evaluate.py FOLDER`` rebuilds the recipe's
   model from it and ``train_state.pt`` and evaluates exactly what the trainer evaluated.
@@ -44,6 +47,8 @@ from torch import nn
 OPEN_CLIP_FILE = "open_clip.pt"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
+COMPLETE_FILE = "checkpoint_complete.json"  # written last, once every other file is in storage
+CHECKPOINT_PREFIX = "checkpoint_step"
 
 
 class UnsafeCheckpointError(ValueError):
@@ -167,6 +172,58 @@ def save_checkpoint(directory: str | Path, *, module: nn.Module, clip: nn.Module
         meta["config"] = _jsonable(train_config)
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
     return directory
+
+
+# --- completeness and resume ---------------------------------------------------------------------------------
+
+def checkpoint_dir_name(step: int) -> str:
+    """The folder name of the checkpoint taken at ``step`` (sortable: zero-padded)."""
+    return f"{CHECKPOINT_PREFIX}_{int(step):010d}"
+
+
+def mark_complete(run_url: str, step: int, epoch: int, storage=None) -> str:
+    """Write the completeness marker of ``<run_url>/<checkpoint_dir_name(step)>`` (after its upload)."""
+    from training.data import url_to_fs
+
+    url = join(join(run_url, checkpoint_dir_name(step)), COMPLETE_FILE)
+    fs, path = url_to_fs(url, storage)
+    fs.pipe_file(path, json.dumps({"step": int(step), "epoch": int(epoch)}).encode())
+    return url
+
+
+def newest_complete(run_url: str, storage=None) -> tuple[str, int] | None:
+    """``(folder URL, step)`` of the newest checkpoint under ``run_url`` whose marker exists, or
+    None. One listing of the run folder: a run keeps ``run.num_to_keep`` checkpoints."""
+    from curation.storage import is_remote
+    from training.data import url_to_fs
+
+    fs, path = url_to_fs(run_url, storage)
+    best = None
+    for marker in fs.glob(f"{path.rstrip('/')}/{CHECKPOINT_PREFIX}_*/{COMPLETE_FILE}"):
+        try:
+            step = int(json.loads(fs.cat_file(marker))["step"])
+        except (ValueError, KeyError, TypeError, OSError):
+            continue  # an unreadable marker: not a complete checkpoint
+        folder = marker.rsplit("/", 1)[0]
+        if is_remote(run_url):
+            folder = run_url.split("://", 1)[0] + "://" + folder.lstrip("/")
+        if best is None or step > best[1]:
+            best = (folder, step)
+    return best
+
+
+def fetch_dir(url: str, local: str | Path, storage=None) -> Path:
+    """Copy the checkpoint folder ``url`` (local or URL) into the local folder ``local``."""
+    from training.data import url_to_fs
+
+    fs, path = url_to_fs(url, storage)
+    local = Path(local)
+    local.mkdir(parents=True, exist_ok=True)
+    for file in fs.find(path):
+        target = local / file[len(path.rstrip("/")) + 1:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(file, str(target))
+    return local
 
 
 # --- loading ------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from training.checkpoint import load_train_state, save_checkpoint, unwrap
+from training.checkpoint import (checkpoint_dir_name, fetch_dir, load_train_state, mark_complete,
+                                 newest_complete, read_meta, save_checkpoint, unwrap)
 
 
 class TrainModule(nn.Module):
@@ -234,6 +235,28 @@ def logit_scale_metric(model: nn.Module) -> dict:
     return {}
 
 
+@contextlib.contextmanager
+def resume_dir(ray_checkpoint, run_url: str | None, storage=None):
+    """A local folder holding the checkpoint to resume from, or None for a fresh start.
+
+    The newer of Ray Train's latest recorded checkpoint and the newest *complete* checkpoint
+    folder of the run (:func:`training.checkpoint.newest_complete`): a worker killed after a
+    checkpoint was uploaded but before Ray Train's controller recorded it resumes from that
+    checkpoint, not from the one before.
+    """
+    found = newest_complete(run_url, storage) if run_url else None
+    if ray_checkpoint is not None:
+        with ray_checkpoint.as_directory() as d:
+            if found is None or int(read_meta(d)["step"]) >= found[1]:
+                yield d
+                return
+    if found is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield str(fetch_dir(found[0], tmp, storage))
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -272,15 +295,17 @@ def train_loop_per_worker(config: dict) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     step, epoch, epoch_step = 0, 0, 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
+    run_url = config.get("run_url")
+    resumed = False
+    with resume_dir(ray.train.get_checkpoint(), run_url, storage) as d:
+        if d is not None:
             state = load_train_state(d, module=module, optimizer=optimizer, scheduler=scheduler,
                                      scaler=scaler, map_location=device)
             meta = json.loads((Path(d) / "meta.json").read_text())
-        step, epoch, epoch_step = state["step"], state["epoch"], int(meta.get("epoch_step", 0))
-        if is_main:
-            print(f"resumed from checkpoint at step {step} (epoch {epoch})", flush=True)
+            step, epoch, epoch_step = state["step"], state["epoch"], int(meta.get("epoch_step", 0))
+            resumed = True
+            if is_main:
+                print(f"resumed from checkpoint at step {step} (epoch {epoch})", flush=True)
 
     net: nn.Module = module
     if world > 1:
@@ -306,7 +331,7 @@ def train_loop_per_worker(config: dict) -> None:
     log_every = max(1, int(tcfg.get("log_every_steps") or 1))
     eval_cfg = cfg.get("eval") or {}
     eval_every = int(eval_cfg.get("every_n_epochs") or 0)
-    last_saved = step if ckpt is not None else -1
+    last_saved = step if resumed else -1
 
     def report(metrics: dict, with_checkpoint: bool):
         nonlocal last_saved
@@ -320,11 +345,12 @@ def train_loop_per_worker(config: dict) -> None:
                                 recipe=cfg.get("recipe", "clip"), step=step, epoch=epoch,
                                 optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                 extra={"epoch_step": epoch_step, "total_steps": total_steps})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if is_main else None)
-        # Ray Train registers a reported checkpoint when its controller next polls the workers: a
-        # worker killed before that would restart from the previous one. Wait until it is committed.
-        if is_main and hasattr(ray.train, "get_all_reported_checkpoints"):
-            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if is_main else None,
+                             checkpoint_dir_name=checkpoint_dir_name(step))
+        # report() returns once the folder is uploaded; Ray Train records it only when its
+        # controller next polls the workers. The marker makes it resumable from now on.
+        if is_main and run_url:
+            mark_complete(run_url, step, epoch, storage)
         last_saved = step
 
     def autocast():

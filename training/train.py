@@ -208,7 +208,7 @@ def build_trainer(cfg: dict, log=print, storage=None):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from curation.storage import Storage, absolute
+    from curation.storage import Storage, absolute, url_join
 
     from training.data import build_dataset, count_samples, resolve_shards, start_error_counter
     from training.loop import train_loop_per_worker
@@ -255,7 +255,7 @@ def build_trainer(cfg: dict, log=print, storage=None):
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": {**cfg, "data": data_cfg, "eval": eval_cfg}, "log_dir": log_dir,
-                           "storage": storage_settings, **plan},
+                           "run_url": url_join(storage, name), "storage": storage_settings, **plan},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
                                      placement_strategy=sc.get("placement_strategy", "PACK")),
         run_config=RunConfig(name=name, storage_path=ray_storage_path, storage_filesystem=ray_fs,
