@@ -9,12 +9,10 @@ import signal
 import subprocess
 import tarfile
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
-import psutil
 import pyarrow.parquet as pq
 import pytest
 
@@ -24,26 +22,6 @@ from curation.pipeline import curate
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDS = 8
-
-
-def _kill_tree_in(temp_dir: str) -> None:
-    procs = [p for p in psutil.process_iter(["cmdline", "environ"])
-             if _mentions(p, temp_dir)]
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(procs, timeout=10)
-
-
-def _mentions(p: psutil.Process, text: str) -> bool:
-    try:
-        if any(text in part for part in (p.info["cmdline"] or [])):
-            return True
-        return (p.info.get("environ") or {}).get("RAY_TMPDIR") == text
-    except psutil.Error:
-        return False
 
 
 def _stats(fs, root) -> pd.DataFrame:
@@ -69,37 +47,34 @@ def test_sigkill_driver_then_rerun_equals_clean_run(ray_session, s3_server, tmp_
     fs = s3_server.filesystem()
     opts = s3_server.storage_options
     out_root = f"{bucket}/out"
+    # both runs attach to the session's Ray as drivers (as `ray job submit` drivers attach to a
+    # cluster): when the first is killed, Ray reaps that job's tasks and actors
     cmd = [sys.executable, "pipelines/cat_filter.py", f"input=s3://{bucket}/in",
-           f"output=s3://{out_root}", "progress=false", "report=false", "ray.num_cpus=2",
+           f"output=s3://{out_root}", "progress=false", "report=false",
+           f"ray.address={ray_session.get_runtime_context().gcs_address}",
            "filters.text_spotting.enabled=false",
            f"storage_options.endpoint_url={opts['endpoint_url']}",
            f"storage_options.key={opts['key']}", f"storage_options.secret={opts['secret']}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
-    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # this driver's Ray, to find and clean up
-    env["RAY_TMPDIR"] = ray_tmp
 
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline, committed_at_kill = time.time() + 240, None
-        while time.time() < deadline and first.poll() is None:
-            fs.invalidate_cache()
-            done = fs.glob(f"{out_root}/stats/*.parquet")
-            if done:
-                os.kill(first.pid, signal.SIGKILL)  # the driver only, as the OOM killer would
-                committed_at_kill = len(done)
-                break
-            time.sleep(0.05)
-        first.wait(30)
-        log = first.stdout.read().decode(errors="replace")
-        assert committed_at_kill is not None, "no shard committed before the run ended:\n" + log[-3000:]
-        assert first.returncode == -signal.SIGKILL
-        assert committed_at_kill < SHARDS, "the run finished before the kill; nothing was tested"
-    finally:
-        _kill_tree_in(ray_tmp)  # whatever of its local Ray outlived the driver
+    deadline, committed_at_kill = time.time() + 240, None
+    while time.time() < deadline and first.poll() is None:
+        fs.invalidate_cache()
+        done = fs.glob(f"{out_root}/stats/*.parquet")
+        if done:
+            os.kill(first.pid, signal.SIGKILL)  # the driver only, as the OOM killer would
+            committed_at_kill = len(done)
+            break
+        time.sleep(0.05)
+    first.wait(30)
+    log = first.stdout.read().decode(errors="replace")
+    assert committed_at_kill is not None, "no shard committed before the run ended:\n" + log[-3000:]
+    assert first.returncode == -signal.SIGKILL
+    assert committed_at_kill < SHARDS, "the run finished before the kill; nothing was tested"
 
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    _kill_tree_in(ray_tmp)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     fs.invalidate_cache()
     assert "already done" in rerun.stdout and f"{SHARDS} input shards" in rerun.stdout
