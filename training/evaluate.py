@@ -8,10 +8,14 @@ retrieval are also computed for the similarity ensemble ``w * sim_a + (1 - w) * 
 w in ``eval.ensemble_weights``, reported as ``"ensemble_w0.3"`` etc.
 
 * Zero-shot: the classifier is the per-class mean of the normalised prompt-template embeddings,
-  renormalised; metrics ``acc1``, ``acc5`` (top-min(5, C)) and ``mean_per_class_recall``.
+  renormalised; metrics ``acc1``, ``acc5`` (None with fewer than 5 classes, as CLIP_benchmark
+  and DataComp) and ``mean_per_class_recall`` (over the classes present, as scikit-learn's
+  ``balanced_accuracy_score`` that CLIP_benchmark uses).
 * Retrieval: every image with all its captions; ``image_retrieval_recall@k`` (text -> image:
-  the caption's image is in the top k) and ``text_retrieval_recall@k`` (image -> text: at least
-  one of its captions is in the top k), as CLIP_benchmark.
+  the caption's image is in the top k), ``text_retrieval_recall@k`` (image -> text: at least
+  one of its captions is in the top k), as CLIP_benchmark, and their mean ``mean_recall@k``
+  (DataComp's main retrieval metric at k = 1). ``tests/test_eval_clip_benchmark.py`` checks these
+  numbers against ``clip_benchmark eval`` on the same checkpoint and data.
 * Linear probe baseline: a from-scratch logistic-regression probe on the train split's frozen
   features, weight decay chosen on a held-out part of it (:mod:`training.fewshot`).
 * Few-shot: the k-shot sweep of :func:`training.fewshot.fewshot_sweep` (zero-shot-initialised
@@ -67,14 +71,17 @@ class OpenClipEmbedder:
 # -- metrics (pure) ----------------------------------------------------------------------------
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """acc1, acc5 (top-min(5, C)) and mean per-class recall of [N, C] scores."""
+    """acc1, acc5 and mean per-class recall of [N, C] scores; acc5 is None with fewer than 5
+    classes (CLIP_benchmark reports NaN there, DataComp None). Fractions are exact (counts divided
+    in float64, as CLIP_benchmark), not float32 means."""
     labels = labels.long()
+    n = len(labels)
     k = min(5, logits.shape[1])
     topk = logits.topk(k, dim=1).indices
-    acc1 = (topk[:, 0] == labels).float().mean().item()
-    acc5 = (topk == labels[:, None]).any(dim=1).float().mean().item()
+    acc1 = int((topk[:, 0] == labels).sum()) / n
+    acc5 = int((topk == labels[:, None]).any(dim=1).sum()) / n if k == 5 else None
     pred = topk[:, 0]
-    recalls = [(pred[labels == c] == c).float().mean().item() for c in torch.unique(labels).tolist()]
+    recalls = [int((pred[labels == c] == c).sum()) / int((labels == c).sum()) for c in torch.unique(labels).tolist()]
     return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": sum(recalls) / len(recalls)}
 
 
@@ -90,12 +97,13 @@ def retrieval_metrics(sim: torch.Tensor, text_to_image: torch.Tensor,
     for k in ks:
         # text -> image: the caption's image among the k best images for that caption
         top_img = sim.topk(min(k, n_img), dim=0).indices  # [k, N_texts]
-        t2i = (top_img == text_to_image[None, :]).any(dim=0).float().mean().item()
+        t2i = int((top_img == text_to_image[None, :]).any(dim=0).sum()) / n_txt
         # image -> text: at least one of the image's captions among its k best captions
         top_txt = sim.topk(min(k, n_txt), dim=1).indices  # [N_images, k]
-        i2t = positive.gather(1, top_txt).any(dim=1).float().mean().item()
+        i2t = int(positive.gather(1, top_txt).any(dim=1).sum()) / n_img
         out[f"image_retrieval_recall@{k}"] = t2i
         out[f"text_retrieval_recall@{k}"] = i2t
+        out[f"mean_recall@{k}"] = 0.5 * (t2i + i2t)
     return out
 
 
