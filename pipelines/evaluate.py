@@ -4,6 +4,7 @@
     python pipelines/evaluate.py s3://bucket/runs/RUN/checkpoint_000003/    # ... in object storage
     python pipelines/evaluate.py CHECKPOINT --arch ViT-B-32 [--config FILE] [key=value ...]
     python pipelines/evaluate.py CHECKPOINT --model-config my_model.json eval.datasets=[digits]
+    python pipelines/evaluate.py CHECKPOINT eval.suite=datacomp38 eval.wds_root=/data/wds  # a benchmark suite
 
 CHECKPOINT is a local path or an fsspec URL (``s3://...``: the standard AWS_* variables and the
 config's ``storage_options`` apply). A trainer checkpoint folder is evaluated as the model that
@@ -14,9 +15,17 @@ an open_clip checkpoint (a file with "state_dict", as open_clip_train saves it, 
 dict): ``--arch`` is an open_clip architecture name, ``--model-config`` a JSON model config
 registered under its file name. Files are read with ``weights_only=True`` (no arbitrary
 unpickling). Prints the tables and writes the results as JSON (``eval.output``).
+
+With ``eval.suite`` (``configs/eval/suites/<name>.yaml``) every task of the suite present under
+``eval.wds_root`` is evaluated zero-shot (progress per task; a failing task is reported and the
+rest go on), the missing ones are listed, and one table with the suite's average (DataComp's: over
+all its tasks) and the average over the tasks present is printed and also written as CSV beside
+the JSON (``<output>.<suite>.csv``). A suite replaces the default ``eval.datasets`` unless
+``eval.datasets`` is given too.
 """
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -121,6 +130,8 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     cfg = full["eval"]
+    if cfg.get("suite") and not _sets_datasets(args):
+        cfg["datasets"] = []  # the suite alone, unless datasets were asked for as well
 
     from curation.storage import Storage
     from training.evaluate import format_results, run_evaluation
@@ -139,7 +150,35 @@ def main(argv=None) -> int:
     out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "arch": args.arch or args.model_config,
                                "config": cfg, "results": results}, indent=2))
     print(f"wrote {out}")
-    return 0 if all("error" not in r for r in results.values()) else 1
+    for res in results.values():
+        if "suite" in res:
+            print(f"wrote {write_suite_csv(res, out)}")
+    ok = all("error" not in r and not r.get("failed") for r in results.values())
+    return 0 if ok else 1
+
+
+def _sets_datasets(args) -> bool:
+    if any(o.split("=", 1)[0].strip() == "eval.datasets" for o in args.overrides):
+        return True
+    if args.config:
+        from curation.config import load_yaml
+
+        return "datasets" in ((load_yaml(args.config) or {}).get("eval") or {})
+    return False
+
+
+def write_suite_csv(res: dict, out: Path) -> Path:
+    """The suite's table (one row per task, then the averages) as CSV beside the JSON."""
+    from training.evaluate import suite_table_rows
+
+    rows = suite_table_rows(res)
+    path = out.with_name(f"{out.stem}.{res['suite']}.csv")
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 if __name__ == "__main__":

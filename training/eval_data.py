@@ -13,6 +13,10 @@ classification; ``None`` for a retrieval-only set) and, per split, an iterator o
   classes ``"0"`` .. ``"9"``; a fixed 60/40 ``train``/``test`` split (``all`` = every image).
 * ``demo``: the held-out generated demo set (:func:`curation.demo_data.write_eval_dataset`),
   written once into a cache folder and then read as a ``wds`` dataset.
+
+Benchmark suites (``configs/eval/suites/*.yaml``, :func:`load_suite`) list tasks by their
+CLIP_benchmark dataset names; :func:`find_task_folder` finds a task's ``wds`` folder under a root
+that holds many (``eval.wds_root``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import fsspec
@@ -190,3 +195,90 @@ def load_eval_dataset(name: str, cfg: dict, image_size: int = 224) -> EvalDatase
                             demo.get("num_test", 500), demo.get("seed", 1000))
     raise EvalDataError(f"unknown eval dataset {name!r}: use digits, demo or a name under eval.wds "
                         f"(known: {sorted(wds_roots)})")
+
+
+# -- benchmark suites --------------------------------------------------------------------------
+
+SUITE_TASK_TYPES = ("zeroshot_classification", "zeroshot_retrieval", "winogavil")
+
+
+def suites_dir():
+    from curation.config import CONFIG_DIR
+
+    return CONFIG_DIR / "eval" / "suites"
+
+
+def load_suite(suite: str) -> dict:
+    """A suite by name (``configs/eval/suites/<name>.yaml``) or YAML path, checked: ``name``,
+    ``tasks`` (each ``key``, ``name``, ``dataset``, ``task``, ``main_metric``, optional
+    ``metadata``) and optional ``groups`` (group name -> task keys)."""
+    import yaml
+
+    path = suites_dir() / f"{suite}.yaml"
+    if not path.is_file():
+        path = suite if os.path.isfile(str(suite)) else None
+    if path is None:
+        known = sorted(p.stem for p in suites_dir().glob("*.yaml"))
+        raise EvalDataError(f"unknown eval suite {suite!r}: a name in configs/eval/suites ({known}) or a YAML file")
+    with open(path) as f:
+        spec = yaml.safe_load(f) or {}
+    tasks = spec.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise EvalDataError(f"suite {path}: no tasks")
+    keys = set()
+    for t in tasks:
+        missing = [k for k in ("key", "name", "dataset", "task", "main_metric") if not t.get(k)]
+        if missing:
+            raise EvalDataError(f"suite {path}: task {t} lacks {missing}")
+        if t["task"] not in SUITE_TASK_TYPES:
+            raise EvalDataError(f"suite {path}: task {t['key']}: unknown type {t['task']!r} ({SUITE_TASK_TYPES})")
+        if t["key"] in keys:
+            raise EvalDataError(f"suite {path}: task {t['key']} listed twice")
+        keys.add(t["key"])
+    groups = spec.get("groups") or {}
+    for g, members in groups.items():
+        unknown = [k for k in members if k not in keys]
+        if unknown:
+            raise EvalDataError(f"suite {path}: group {g!r} names unknown tasks {unknown}")
+    return {"name": spec.get("name") or Path(path).stem, "description": spec.get("description", ""),
+            "tasks": tasks, "groups": groups}
+
+
+def task_folder_candidates(task: dict) -> list[str]:
+    """Folder names a task may have under a root of CLIP_benchmark ``wds`` datasets: CLIP_benchmark's
+    ``wds_<dataset>``, DataComp's ``wds_<dataset>_test`` / ``wds_<key>_test``, or ``<dataset>``
+    ('/' written as '-')."""
+    dataset, key = task["dataset"].replace("/", "-"), task["key"].replace("/", "-")
+    names = [f"wds_{dataset}", f"wds_{dataset}_test", f"wds_{key}_test", f"wds_{key}", dataset]
+    return list(dict.fromkeys(names))
+
+
+def find_task_folder(root: str, task: dict, split: str = "test") -> str | None:
+    """The first candidate folder under ``root`` (path or fsspec URL) with ``{split}/nshards.txt``."""
+    root = str(root).rstrip("/")
+    fs, base = fsspec.core.url_to_fs(root)
+    for name in task_folder_candidates(task):
+        if fs.exists(f"{base}/{name}/{split}/nshards.txt"):
+            return f"{root}/{name}"
+    return None
+
+
+def open_clip_imagenet() -> tuple[list[str], list[str]]:
+    """open_clip's ImageNet class names and OpenAI prompt templates (as ``{c}`` strings)."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+    return list(IMAGENET_CLASSNAMES), [t("{c}") for t in OPENAI_IMAGENET_TEMPLATES]
+
+
+def suite_task_dataset(folder: str, task: dict) -> EvalDataset:
+    """The ``wds`` dataset of a suite task, with the class names and templates the task asks for."""
+    dataset = wds_dataset(folder, name=task["key"])
+    if task.get("metadata") == "open_clip_imagenet":
+        classnames, templates = open_clip_imagenet()
+        if dataset.classnames is not None and len(dataset.classnames) != len(classnames):
+            raise EvalDataError(f"{folder}: {len(dataset.classnames)} classes in classnames.txt, but "
+                                f"open_clip's ImageNet metadata has {len(classnames)}")
+        dataset.classnames, dataset.templates = classnames, templates
+    elif task.get("metadata"):
+        raise EvalDataError(f"task {task['key']}: unknown metadata {task['metadata']!r} (open_clip_imagenet)")
+    return dataset

@@ -20,6 +20,10 @@ w in ``eval.ensemble_weights``, reported as ``"ensemble_w0.3"`` etc.
   features, weight decay chosen on a held-out part of it (:mod:`training.fewshot`).
 * Few-shot: the k-shot sweep of :func:`training.fewshot.fewshot_sweep` (zero-shot-initialised
   projected probe vs from-scratch probe).
+* Suites (``eval.suite``, ``configs/eval/suites/*.yaml``, e.g. DataComp's 38 tasks): every task
+  found under ``eval.wds_root`` is evaluated zero-shot, its main metric collected, and the suite's
+  average (the mean over all its tasks, as DataComp; open while a task is missing) and the
+  average over the tasks present are reported (:func:`evaluate_suite`).
 
 Pure metric functions (:func:`classification_metrics`, :func:`retrieval_metrics`,
 :func:`with_ensembles`) take tensors; :func:`run_evaluation` wires datasets, embedder and
@@ -29,6 +33,7 @@ metrics together; it needs no Ray.
 from __future__ import annotations
 
 import math
+import re
 import time
 from typing import Callable, Iterable, Iterator
 
@@ -36,7 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from training import fewshot
-from training.eval_data import EvalDataset, load_eval_dataset
+from training.eval_data import (EvalDataset, find_task_folder, load_eval_dataset, load_suite,
+                                suite_task_dataset)
 
 
 class OpenClipEmbedder:
@@ -266,8 +272,114 @@ def preprocess_size(preprocess, default: int = 224) -> int:
     return default
 
 
+# -- suites ------------------------------------------------------------------------------------
+
+CLASSIFICATION_METRICS = ("acc1", "acc5", "mean_per_class_recall")
+RETRIEVAL_METRIC = re.compile(r"^(image_retrieval_recall|text_retrieval_recall|mean_recall)@(\d+)$")
+
+
+def unsupported_reason(task: dict) -> str | None:
+    """Why this project cannot compute a suite task's main metric (None when it can)."""
+    metric = task["main_metric"]
+    if task["task"] == "zeroshot_classification" and metric not in CLASSIFICATION_METRICS:
+        return f"main metric {metric} needs the task's group metadata (WILDS / fairness), not computed here"
+    if task["task"] == "zeroshot_retrieval" and not RETRIEVAL_METRIC.match(metric):
+        return f"main metric {metric} is not a retrieval recall"
+    if task["task"] == "winogavil":
+        return "WinoGAViL's association task is not implemented here"
+    return None
+
+
+def _task_main(task: dict, res: dict) -> dict[str, float]:
+    section = "zeroshot" if task["task"] == "zeroshot_classification" else "retrieval"
+    per_name = res.get(section) or {}
+    values = {name: m.get(task["main_metric"]) for name, m in per_name.items()}
+    if not values or any(v is None for v in values.values()):
+        raise ValueError(f"no {task['main_metric']} in the {section} results (e.g. acc5 with fewer than 5 classes)")
+    return values
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def suite_averages(suite: dict, tasks: dict) -> dict:
+    """Per embedding name: ``average`` (the mean of every task's main metric, DataComp's way; None
+    while a task has no value), ``average_present`` (over the tasks that have one), their counts,
+    and each group's mean (None unless all its tasks have a value)."""
+    names = list(dict.fromkeys(n for t in tasks.values() for n in (t.get("main") or {})))
+    out = {}
+    for name in names:
+        vals = {k: t["main"][name] for k, t in tasks.items() if name in (t.get("main") or {})}
+        complete = len(vals) == len(suite["tasks"])
+        out[name] = {"average": _mean(list(vals.values())) if complete else None,
+                     "average_present": _mean(list(vals.values())), "num_present": len(vals),
+                     "num_tasks": len(suite["tasks"]),
+                     "groups": {g: (_mean([vals[k] for k in keys]) if all(k in vals for k in keys) else None)
+                                for g, keys in suite["groups"].items()}}
+    return out
+
+
+def evaluate_suite(embedder, cfg: dict, log: Callable = print) -> dict:
+    """Zero-shot evaluation of every task of suite ``cfg["suite"]`` found under ``cfg["wds_root"]``.
+
+    Each task: ``status`` ``ok`` (with ``main``: embedding name -> main metric, and ``result``: all
+    metrics), ``missing`` (no folder under the root), ``unsupported`` (a main metric not computed
+    here) or ``failed`` (``error``; the other tasks still run). Probes are not run for suite tasks.
+    """
+    suite = load_suite(cfg["suite"])
+    root = cfg.get("wds_root")
+    if not root:
+        raise ValueError(f"eval.suite={cfg['suite']} needs eval.wds_root (the folder of CLIP_benchmark wds datasets)")
+    ks = sorted(set(cfg.get("recall_at") or [1, 5, 10]) | {int(m.group(2)) for t in suite["tasks"]
+                                                           if (m := RETRIEVAL_METRIC.match(t["main_metric"]))})
+    base = {**cfg, "recall_at": ks, "linear_probe": {"enabled": False}, "fewshot": {"enabled": False}}
+    split = cfg.get("split", "test")
+    n, tasks = len(suite["tasks"]), {}
+    log(f"suite {suite['name']}: {n} tasks under {root}")
+    for i, task in enumerate(suite["tasks"], 1):
+        key = task["key"]
+        entry = {"name": task["name"], "task": task["task"], "main_metric": task["main_metric"]}
+        tasks[key] = entry
+        try:
+            folder = find_task_folder(root, task, split)
+        except Exception as exc:  # an unreadable root: every task fails alike
+            entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            log(f"[{i}/{n}] {key}: failed: {entry['error']}")
+            continue
+        if folder is None:
+            entry["status"] = "missing"
+            continue
+        entry["folder"] = folder
+        reason = unsupported_reason(task)
+        if reason:
+            entry.update(status="unsupported", error=reason)
+            log(f"[{i}/{n}] {key} ({task['name']}): unsupported: {reason}")
+            continue
+        log(f"[{i}/{n}] {key} ({task['name']}) ...")
+        try:
+            dataset = suite_task_dataset(folder, task)
+            classify = task["task"] == "zeroshot_classification"
+            res = evaluate_dataset(embedder, dataset, {**base, "zeroshot": classify, "retrieval": not classify}, log)
+            entry.update(status="ok", main=_task_main(task, res), result=res)
+            shown = ", ".join(f"{name} {100 * v:.2f}" for name, v in entry["main"].items())
+            log(f"[{i}/{n}] {key}: {task['main_metric']} {shown} ({res['num_test']} images, {res['elapsed_s']}s)")
+        except Exception as exc:  # a failing task is reported; the rest go on
+            entry.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            log(f"[{i}/{n}] {key}: failed: {entry['error']}")
+    missing = [k for k, t in tasks.items() if t["status"] == "missing"]
+    if missing:
+        log(f"suite {suite['name']}: {len(missing)} of {n} tasks missing under {root}: {', '.join(missing)}")
+    return {"suite": suite["name"], "wds_root": str(root), "num_tasks": n, "tasks": tasks,
+            "missing": missing, "failed": [k for k, t in tasks.items() if t["status"] == "failed"],
+            "unsupported": [k for k, t in tasks.items() if t["status"] == "unsupported"],
+            "averages": suite_averages(suite, tasks)}
+
+
 def run_evaluation(embedder, cfg: dict, image_size: int | None = None, log: Callable = print) -> dict:
-    """Evaluate ``embedder`` on every dataset in ``cfg["datasets"]`` (the ``eval`` section).
+    """Evaluate ``embedder`` on every dataset in ``cfg["datasets"]`` (the ``eval`` section) and,
+    with ``cfg["suite"]``, on the suite's tasks under ``cfg["wds_root"]`` (result key
+    ``suite/<name>``, see :func:`evaluate_suite`).
 
     ``image_size`` (for the built-in digits) defaults to the size ``embedder.preprocess`` makes.
     A dataset that cannot be read is reported under ``{"error": ...}``; the others still run.
@@ -282,6 +394,13 @@ def run_evaluation(embedder, cfg: dict, image_size: int | None = None, log: Call
         except (ValueError, OSError) as exc:
             log(f"  {name}: {exc}")
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    if cfg.get("suite"):
+        try:
+            res = evaluate_suite(embedder, cfg, log)
+            results[f"suite/{res['suite']}"] = res
+        except (ValueError, OSError) as exc:
+            log(f"  suite {cfg['suite']}: {exc}")
+            results[f"suite/{cfg['suite']}"] = {"error": f"{type(exc).__name__}: {exc}"}
     return results
 
 
@@ -289,6 +408,9 @@ def summary_metrics(results: dict) -> dict[str, float]:
     """Flat ``dataset/eval/name/metric`` -> value of the headline metrics (for trainer logs)."""
     flat = {}
     for ds, res in results.items():
+        if "suite" in res:
+            flat.update(suite_summary(res))
+            continue
         for name, m in res.get("zeroshot", {}).items():
             flat[f"{ds}/zeroshot/{name}/acc1"] = m["acc1"]
         for name, m in res.get("retrieval", {}).items():
@@ -298,6 +420,81 @@ def summary_metrics(results: dict) -> dict[str, float]:
         for name, m in res.get("linear_probe", {}).items():
             flat[f"{ds}/linear_probe/{name}/acc1"] = m["acc1"]
     return flat
+
+
+def suite_summary(res: dict) -> dict[str, float]:
+    """``<suite>/<task>/<name>/<main metric>`` per task ('/' in task keys written as '-'), and
+    ``<suite>/average/<name>`` (when every task has a value), ``<suite>/average_present/<name>``."""
+    flat, suite = {}, res["suite"]
+    for key, t in res["tasks"].items():
+        for name, v in (t.get("main") or {}).items():
+            flat[f"{suite}/{key.replace('/', '-')}/{name}/{t['main_metric']}"] = v
+    for name, a in res["averages"].items():
+        if a["average"] is not None:
+            flat[f"{suite}/average/{name}"] = a["average"]
+        if a["average_present"] is not None:
+            flat[f"{suite}/average_present/{name}"] = a["average_present"]
+    return flat
+
+
+def suite_table_rows(res: dict) -> list[dict]:
+    """One row per task (``key``, ``name``, ``task``, ``main_metric``, ``status``, one column per
+    embedding name) and the average rows: the suite's table, as printed and written."""
+    names = list(res["averages"])
+    rows = []
+    for key, t in res["tasks"].items():
+        rows.append({"key": key, "name": t["name"], "task": t["task"], "main_metric": t["main_metric"],
+                     "status": t["status"], **{n: (t.get("main") or {}).get(n) for n in names}})
+    n = res["num_tasks"]
+    avg = {name: a["average"] for name, a in res["averages"].items()}
+    present = {name: a["average_present"] for name, a in res["averages"].items()}
+    num_present = max([a["num_present"] for a in res["averages"].values()] or [0])
+    rows.append({"key": "average", "name": f"average over all {n} tasks (DataComp)", "task": "", "main_metric": "",
+                 "status": "ok" if num_present == n else f"{n - num_present} tasks without a result", **avg})
+    rows.append({"key": "average_present", "name": f"average over the {num_present} tasks present", "task": "",
+                 "main_metric": "", "status": "ok", **present})
+    groups = {}
+    for name, a in res["averages"].items():
+        for g, v in a["groups"].items():
+            groups.setdefault(g, {})[name] = v
+    for g, vals in groups.items():
+        rows.append({"key": f"group:{g}", "name": f"group {g}", "task": "", "main_metric": "",
+                     "status": "ok" if all(v is not None for v in vals.values()) else "incomplete", **vals})
+    return rows
+
+
+def format_suite(res: dict) -> str:
+    names = list(res["averages"])
+    lines = [f"  {'task':<50} {'name':<24} {'main metric':<22} " + " ".join(f"{n[:12]:>12}" for n in names)]
+    n = res["num_tasks"]
+    for row in suite_table_rows(res):
+        if row["key"] in ("average", "average_present") or row["key"].startswith("group:"):
+            continue
+        if row["status"] == "missing":
+            continue
+        label = f"{row['key']:<50} {row['name'][:24]:<24}"
+        if row["status"] == "ok":
+            vals = " ".join(f"{_pct(row[nm]):>12}" for nm in names)
+        else:
+            vals = f"{row['status']}: {res['tasks'][row['key']].get('error', '')}"
+        lines.append(f"  {label} {row['main_metric']:<22} {vals}")
+    if not names:
+        lines.append(f"  average over all {n} tasks (DataComp): n/a (no task evaluated)")
+    for name, a in res["averages"].items():
+        avg = _pct(a["average"]).strip() if a["average"] is not None else \
+            f"n/a ({n - a['num_present']} of {n} tasks without a result)"
+        lines.append(f"  {name}: average over all {n} tasks (DataComp): {avg}")
+        lines.append(f"  {name}: average over the {a['num_present']} tasks present: {_pct(a['average_present']).strip()}")
+        done = [f"{g} {_pct(v).strip()}" for g, v in a["groups"].items() if v is not None]
+        if done:
+            lines.append(f"  {name}: groups: " + ", ".join(done))
+    if res["missing"]:
+        lines.append(f"  missing ({len(res['missing'])} of {n}): " + ", ".join(res["missing"]))
+    if res["failed"]:
+        lines.append(f"  failed ({len(res['failed'])}): " + ", ".join(res["failed"]))
+    if res["unsupported"]:
+        lines.append(f"  unsupported ({len(res['unsupported'])}): " + ", ".join(res["unsupported"]))
+    return "\n".join(lines)
 
 
 def _pct(v) -> str:
@@ -311,6 +508,10 @@ def format_results(results: dict) -> str:
         lines.append(f"== {ds} ==")
         if "error" in res:
             lines.append(f"  error: {res['error']}")
+            continue
+        if "suite" in res:
+            lines.append(f"  suite {res['suite']} under {res['wds_root']}")
+            lines.append(format_suite(res))
             continue
         n = f"{res['num_test']} test images" + (f", {res['num_train']} train" if "num_train" in res else "")
         lines.append(f"  {n}, {res['elapsed_s']}s")
