@@ -5,6 +5,7 @@ trainer logs (``summary_metrics`` / ``training.loop.headline``)."""
 
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from test_eval_clip_benchmark import (ARCH, load_job, tiny_checkpoint, write_cla
 
 from training.eval_data import (EvalDataError, find_task_folder, load_suite, open_clip_imagenet,
                                 suite_task_dataset)
-from training.evaluate import run_evaluation, suite_averages, summary_metrics
+from training.evaluate import format_suite, run_evaluation, suite_averages, summary_metrics
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 COCO_KEY = "retrieval/mscoco_2014_5k_test_image_text_retrieval"
@@ -81,8 +82,9 @@ def test_suite_run_over_two_generated_tasks(two_task_root, tmp_path, capsys, one
     assert "[2/38] cifar10: acc1" in printed and f"[32/38] {COCO_KEY}: mean_recall@1" in printed
     assert "missing (36 of 38): vtab/caltech101, vtab/cifar100" in printed
     assert f"{COCO_KEY:<50} MSCOCO" in printed  # the table's row
-    assert "clip: average over all 38 tasks (DataComp): n/a (36 of 38 tasks without a result)" in printed
-    assert f"clip: average over the 2 tasks present: {100 * avg['average_present']:.1f}" in printed
+    table = printed[printed.index("== suite/datacomp38 =="):]
+    assert re.search(r"average over all 38 tasks \(DataComp\) +n/a +\(n/a: 36 of 38 tasks without a result\)", table)
+    assert re.search(rf"average over the 2 tasks present +{100 * avg['average_present']:.1f}\n", table)
     # ... and the same table written as CSV beside the JSON
     rows = list(csv.DictReader(open(out.with_name("res.datacomp38.csv"))))
     assert len(rows) == 38 + 2 + 4  # tasks, the two averages, DataComp's four groups
@@ -145,6 +147,16 @@ def test_suite_average_is_datacomps_mean_over_all_tasks():
     assert avg["x"]["groups"] == {"ab": pytest.approx(0.4), "bc": pytest.approx(0.35)}
     assert avg["y"]["average"] is None and avg["y"]["average_present"] == pytest.approx(0.25)
     assert avg["y"]["groups"] == {"ab": pytest.approx(0.25), "bc": None} and avg["y"]["num_present"] == 2
+    # the printed table: a column per embedding (full names), averages as rows, n/a where open
+    res = {"suite": "toy", "wds_root": "/r", "num_tasks": 3, "missing": [], "failed": [], "unsupported": [],
+           "tasks": {k: {"name": k.upper(), "task": "zeroshot_classification", "main_metric": "acc1",
+                         "status": "ok", **t} for k, t in tasks.items()}, "averages": avg}
+    table = format_suite(res)
+    assert re.search(r"average over all 3 tasks \(DataComp\) +30\.0 +n/a", table)
+    assert re.search(r"average over the 3 tasks present +30\.0 +25\.0", table)
+    assert re.search(r"group ab +40\.0 +25\.0", table) and re.search(r"\n  c +C +acc1 +10\.0 +n/a", table)
+    long = {"ensemble_w0.1": avg["x"], "ensemble_w0.2": avg["y"]}
+    assert "ensemble_w0.1 ensemble_w0.2" in format_suite({**res, "averages": long})
 
 
 def test_imagenet_uses_open_clip_class_names_and_templates(tmp_path):

@@ -464,30 +464,33 @@ def suite_table_rows(res: dict) -> list[dict]:
 
 
 def format_suite(res: dict) -> str:
+    """The suite's table: one row per task found (missing ones listed below it), then DataComp's
+    average over all tasks, the average over the tasks present and the complete groups."""
     names = list(res["averages"])
-    lines = [f"  {'task':<50} {'name':<24} {'main metric':<22} " + " ".join(f"{n[:12]:>12}" for n in names)]
+    widths = [max(6, len(nm)) for nm in names]
     n = res["num_tasks"]
-    for row in suite_table_rows(res):
-        if row["key"] in ("average", "average_present") or row["key"].startswith("group:"):
-            continue
+
+    def cells(values: dict) -> str:
+        return " ".join(f"{('n/a' if values.get(nm) is None else _pct(values[nm]).strip()):>{w}}"
+                        for nm, w in zip(names, widths))
+
+    lines = [f"  {'task':<50} {'name':<24} {'main metric':<22} " + " ".join(f"{nm:>{w}}" for nm, w in zip(names, widths))]
+    rows = suite_table_rows(res)
+    for row in rows[:n]:
         if row["status"] == "missing":
             continue
-        label = f"{row['key']:<50} {row['name'][:24]:<24}"
-        if row["status"] == "ok":
-            vals = " ".join(f"{_pct(row[nm]):>12}" for nm in names)
-        else:
-            vals = f"{row['status']}: {res['tasks'][row['key']].get('error', '')}"
-        lines.append(f"  {label} {row['main_metric']:<22} {vals}")
-    if not names:
-        lines.append(f"  average over all {n} tasks (DataComp): n/a (no task evaluated)")
-    for name, a in res["averages"].items():
-        avg = _pct(a["average"]).strip() if a["average"] is not None else \
-            f"n/a ({n - a['num_present']} of {n} tasks without a result)"
-        lines.append(f"  {name}: average over all {n} tasks (DataComp): {avg}")
-        lines.append(f"  {name}: average over the {a['num_present']} tasks present: {_pct(a['average_present']).strip()}")
-        done = [f"{g} {_pct(v).strip()}" for g, v in a["groups"].items() if v is not None]
-        if done:
-            lines.append(f"  {name}: groups: " + ", ".join(done))
+        label = f"{row['key']:<50} {row['name'][:24]:<24} {row['main_metric']:<22}"
+        detail = cells(row) if row["status"] == "ok" else f"{row['status']}: {res['tasks'][row['key']].get('error', '')}"
+        lines.append(f"  {label} {detail}")
+    num_present = max([a["num_present"] for a in res["averages"].values()] or [0])
+    avg = {nm: a["average"] for nm, a in res["averages"].items()}
+    note = "" if num_present == n else f"   (n/a: {n - num_present} of {n} tasks without a result)"
+    lines.append(f"  {f'average over all {n} tasks (DataComp)':<98} {cells(avg)}{note}")
+    present = {nm: a["average_present"] for nm, a in res["averages"].items()}
+    lines.append(f"  {f'average over the {num_present} tasks present':<98} {cells(present)}")
+    for row in rows[n + 2:]:
+        if any(row.get(nm) is not None for nm in names):
+            lines.append(f"  {row['name']:<98} {cells(row)}")
     if res["missing"]:
         lines.append(f"  missing ({len(res['missing'])} of {n}): " + ", ".join(res["missing"]))
     if res["failed"]:
