@@ -73,18 +73,28 @@ def demo_input(tmp_path_factory):
     return build_demo_dataset(tmp_path_factory.mktemp("demo") / "in", num_samples=120, num_shards=3)
 
 
-def test_demo_end_to_end(ray_session, demo_input, tmp_path):
+@pytest.fixture(scope="module")
+def default_demo(ray_session, tmp_path_factory):
+    """``make demo``'s curation (the default config, text spotting on, report written), run once:
+    (summary, demo input folder, output folder)."""
     from pathlib import Path
 
-    out = tmp_path / "out"
-    summary = curate(make_cfg(demo_input, out, ocr=True), log=lambda *_: None)
-    stats, samples = assert_accounting(Path(demo_input), out)
+    tmp = tmp_path_factory.mktemp("default-demo")
+    cfg = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml",
+                       overrides=[f"output={tmp / 'out'}", f"demo.output={tmp / 'demo'}", "progress=false"])
+    summary = curate(cfg, log=lambda *_: None)
+    return summary, Path(cfg["demo"]["output"]), tmp / "out"
+
+
+def test_demo_end_to_end(default_demo):
+    summary, demo_in, out = default_demo
+    stats, samples = assert_accounting(demo_in, out)
     f = summary["funnel"]
     # the cascade: OCR ran exactly on the samples that passed C and A
     assert f["text_spotting_evaluated"] == f["passed_action"] > 0
     assert (stats.text_spotting_status == "not_evaluated").sum() == f["evaluated"] - f["passed_action"]
-    assert f["input"] == 120 and 0 < f["kept"] < f["passed_complexity"] <= f["evaluated"]
-    assert f["dropped"]["complexity"] > 0 and f["dropped"]["action"] > 0
+    assert f["input"] == 300 and 0 < f["kept"] < f["passed_complexity"] <= f["evaluated"]
+    assert f["dropped"]["complexity"] > 0 and f["dropped"]["action"] > 0 and f["dropped"]["text_spotting"] > 0
     assert summary["versions"]["spacy"] and summary["config"]["filters"]["complexity"]["min"] == 1
     # the demo's broken entries are per-sample errors / failed downloads
     assert (stats.status == "error").sum() == 5 and (stats.status == "not_downloaded").sum() == 2
@@ -94,13 +104,19 @@ def test_demo_end_to_end(ray_session, demo_input, tmp_path):
     assert ((ev.num_actions >= 1) == ev.passed_action).all()
     assert (ev[ev.status == "kept"].passed_complexity & ev[ev.status == "kept"].passed_action).all()
     # image bytes travel unchanged, json carries source metadata + scores
-    with tarfile.open(Path(demo_input) / "00001.tar") as tar:
-        originals = {m.name[:-4]: tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")}
+    originals = {}
+    for tar_path in sorted(demo_in.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            originals.update({m.name[:-4]: tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")})
+    checked = 0
     for key, s in samples.items():
         if key in originals:
             assert hashlib.sha256(s["jpg"]).digest() == hashlib.sha256(originals[key]).digest()
+            checked += 1
+    assert checked == len(samples)
     meta = json.loads(next(iter(samples.values()))["json"])
     assert "url" in meta and meta["cat"]["complexity"] >= 1
+    assert (out / "report.html").stat().st_size > 0
 
 
 def test_thresholds_and_switches(ray_session, demo_input, tmp_path):
@@ -201,17 +217,14 @@ def test_stats_are_queryable_with_duckdb(ray_session, demo_input, tmp_path):
     assert pq.read_schema(next((out / "stats").glob("*.parquet"))).field("text_overlap")
 
 
-def test_readme_demo_funnel_is_true(ray_session, tmp_path):
+def test_readme_demo_funnel_is_true(default_demo):
     """The funnel quoted in README.md is what the default demo produces."""
     import re
 
     readme = (CONFIG_DIR.parent / "README.md").read_text()
     block = readme.split("CAT filter funnel (all committed shards):", 1)[1].split("```", 1)[0]
     quoted = {name.strip(): int(n) for name, n in re.findall(r"^\s+([a-z ]+?)\s+(\d+)$", block, re.M)}
-    cfg = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml",
-                       overrides=[f"output={tmp_path / 'out'}", f"demo.output={tmp_path / 'demo'}",
-                                  "progress=false"])
-    f = curate(cfg, log=lambda *_: None)["funnel"]
+    f = default_demo[0]["funnel"]
     names = {"input samples": "input", "not downloaded": "not_downloaded", "errors": "errors",
              "evaluated": "evaluated", "passed complexity": "passed_complexity",
              "passed action": "passed_action", "passed text spotting": "passed_text_spotting",
