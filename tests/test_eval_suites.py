@@ -104,6 +104,8 @@ def test_run_evaluation_reports_a_failing_task_and_goes_on_and_logs_suite_metric
     (broken / "0.tar").write_bytes(b"not a tar file" * 10)
     (two_task_root / "wds_vtab-dtd" / "classnames.txt").write_text("banded\nbubbly\n")
     fmow = two_task_root / "wds_wilds-fmow_test" / "test"  # DataComp's folder name; metric not computed here
+    write_classification_wds(two_task_root / "wds_wilds-iwildcam_test", classes=["deer", "fox", "empty", "boar", "owl"],
+                             counts=[3, 2, 2, 1, 1], templates=["a camera trap photo of a {c}."], seed=5)
     fmow.mkdir(parents=True)
     (fmow / "nshards.txt").write_text("1\n")
     job = load_job()
@@ -115,8 +117,10 @@ def test_run_evaluation_reports_a_failing_task_and_goes_on_and_logs_suite_metric
     res = results["suite/datacomp38"]
     assert res["failed"] == ["vtab/dtd"] and "no samples" in res["tasks"]["vtab/dtd"]["error"]
     assert res["unsupported"] == ["wilds/fmow"] and "group metadata" in res["tasks"]["wilds/fmow"]["error"]
-    assert [k for k, t in res["tasks"].items() if t["status"] == "ok"] == ["cifar10", COCO_KEY]  # the rest went on
-    assert len(res["missing"]) == 34
+    assert [k for k, t in res["tasks"].items() if t["status"] == "ok"] == ["cifar10", COCO_KEY, "wilds/iwildcam"]
+    assert len(res["missing"]) == 33
+    wild = res["tasks"]["wilds/iwildcam"]  # DataComp's F1-macro_all: macro F1 over the classes present
+    assert wild["main"]["clip"] == wild["result"]["zeroshot"]["clip"]["macro_f1"]
     assert any("[7/38] vtab/dtd: failed" in line for line in logs)
     assert "linear_probe" not in res["tasks"]["cifar10"]["result"]  # suite tasks are zero-shot only
     assert "image_retrieval_recall@1" in res["tasks"][COCO_KEY]["result"]["retrieval"]["clip"]  # k=1 added
@@ -124,7 +128,7 @@ def test_run_evaluation_reports_a_failing_task_and_goes_on_and_logs_suite_metric
     flat = summary_metrics(results)
     assert set(flat) == {"datacomp38/cifar10/clip/acc1",
                          "datacomp38/retrieval-mscoco_2014_5k_test_image_text_retrieval/clip/mean_recall@1",
-                         "datacomp38/average_present/clip"}
+                         "datacomp38/wilds-iwildcam/clip/F1-macro_all", "datacomp38/average_present/clip"}
     assert flat["datacomp38/cifar10/clip/acc1"] == res["tasks"]["cifar10"]["main"]["clip"]
     assert flat["datacomp38/average_present/clip"] == res["averages"]["clip"]["average_present"]
 

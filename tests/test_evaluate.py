@@ -31,6 +31,12 @@ def test_classification_metrics_match_a_direct_computation():
     per_class = [sum(r == 0 for r, l in zip(ranks, labels.tolist()) if l == c) / (labels == c).sum().item()
                  for c in range(7)]
     assert m["mean_per_class_recall"] == pytest.approx(sum(per_class) / 7)
+    f1 = []
+    for c in range(7):
+        tp = sum(r == 0 for r, lab in zip(ranks, labels.tolist()) if lab == c)
+        predicted = (logits.argmax(1) == c).sum().item()
+        f1.append(2 * tp / (predicted + (labels == c).sum().item()))
+    assert m["macro_f1"] == pytest.approx(sum(f1) / 7)  # WILDS' F1-macro_all (DataComp's iWildCam metric)
     # hand case: class 0 always right (3 of 3), class 1 right once of 1: acc1 4/4; imbalance matters
     logits = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
     m = classification_metrics(logits, torch.tensor([0, 0, 0, 1]))

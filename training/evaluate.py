@@ -77,18 +77,29 @@ class OpenClipEmbedder:
 # -- metrics (pure) ----------------------------------------------------------------------------
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """acc1, acc5 and mean per-class recall of [N, C] scores; acc5 is None with fewer than 5
-    classes (CLIP_benchmark reports NaN there, DataComp None). Fractions are exact (counts divided
-    in float64, as CLIP_benchmark), not float32 means."""
+    """acc1, acc5, mean per-class recall and macro F1 of [N, C] scores.
+
+    acc5 is None with fewer than 5 classes (CLIP_benchmark reports NaN there, DataComp None).
+    Fractions are exact (counts divided in float64, as CLIP_benchmark), not float32 means. Mean
+    per-class recall is scikit-learn's ``balanced_accuracy_score`` (as CLIP_benchmark: over the
+    classes present); ``macro_f1`` is ``f1_score(average="macro")`` over the classes present (WILDS'
+    ``F1-macro_all``, DataComp's main metric for iWildCam)."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
     labels = labels.long()
     n = len(labels)
     k = min(5, logits.shape[1])
     topk = logits.topk(k, dim=1).indices
     acc1 = int((topk[:, 0] == labels).sum()) / n
     acc5 = int((topk == labels[:, None]).any(dim=1).sum()) / n if k == 5 else None
-    pred = topk[:, 0]
-    recalls = [int((pred[labels == c] == c).sum()) / int((labels == c).sum()) for c in torch.unique(labels).tolist()]
-    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": sum(recalls) / len(recalls)}
+    y_true, y_pred = labels.numpy(), topk[:, 0].numpy()
+    with warnings.catch_warnings():  # predicted classes absent from the labels; classes never predicted
+        warnings.simplefilter("ignore")
+        mpcr = float(balanced_accuracy_score(y_true, y_pred))
+        macro_f1 = float(f1_score(y_true, y_pred, average="macro", labels=torch.unique(labels).numpy()))
+    return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": mpcr, "macro_f1": macro_f1}
 
 
 def retrieval_metrics(sim: torch.Tensor, text_to_image: torch.Tensor,
@@ -274,14 +285,15 @@ def preprocess_size(preprocess, default: int = 224) -> int:
 
 # -- suites ------------------------------------------------------------------------------------
 
-CLASSIFICATION_METRICS = ("acc1", "acc5", "mean_per_class_recall")
+CLASSIFICATION_METRICS = ("acc1", "acc5", "mean_per_class_recall", "macro_f1")
+METRIC_ALIASES = {"F1-macro_all": "macro_f1"}  # DataComp's (WILDS') name -> this project's
 RETRIEVAL_METRIC = re.compile(r"^(image_retrieval_recall|text_retrieval_recall|mean_recall)@(\d+)$")
 
 
 def unsupported_reason(task: dict) -> str | None:
     """Why this project cannot compute a suite task's main metric (None when it can)."""
     metric = task["main_metric"]
-    if task["task"] == "zeroshot_classification" and metric not in CLASSIFICATION_METRICS:
+    if task["task"] == "zeroshot_classification" and METRIC_ALIASES.get(metric, metric) not in CLASSIFICATION_METRICS:
         return f"main metric {metric} needs the task's group metadata (WILDS / fairness), not computed here"
     if task["task"] == "zeroshot_retrieval" and not RETRIEVAL_METRIC.match(metric):
         return f"main metric {metric} is not a retrieval recall"
@@ -293,7 +305,8 @@ def unsupported_reason(task: dict) -> str | None:
 def _task_main(task: dict, res: dict) -> dict[str, float]:
     section = "zeroshot" if task["task"] == "zeroshot_classification" else "retrieval"
     per_name = res.get(section) or {}
-    values = {name: m.get(task["main_metric"]) for name, m in per_name.items()}
+    metric = METRIC_ALIASES.get(task["main_metric"], task["main_metric"])
+    values = {name: m.get(metric) for name, m in per_name.items()}
     if not values or any(v is None for v in values.values()):
         raise ValueError(f"no {task['main_metric']} in the {section} results (e.g. acc5 with fewer than 5 classes)")
     return values
