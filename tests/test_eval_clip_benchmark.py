@@ -50,12 +50,17 @@ def _shards(folder, samples, per_shard):
 
 
 def write_classification_wds(root, classes=CLASSES, counts=CLASS_COUNTS, templates=TEMPLATES, seed=0,
-                             per_shard=16):
-    """CLIP_benchmark wds classification set: ``test/{0..}.tar`` of png + cls, classnames, templates."""
+                             per_shard=16, metadata=None):
+    """CLIP_benchmark wds classification set: ``test/{0..}.tar`` of png + cls, classnames, templates;
+    ``metadata(i)`` -> a list of ints adds sample i's ``.npy`` (as DataComp's WILDS / fairness sets)."""
     samples, i = [], 0
     for c, n in enumerate(counts):
         for _ in range(n):
             samples.append({"__key__": f"s{i:05d}", "png": _image(seed * 1000 + i), "cls": str(c).encode()})
+            if metadata is not None:
+                buf = io.BytesIO()
+                np.save(buf, np.asarray(metadata(i), dtype=np.int64))
+                samples[-1]["npy"] = buf.getvalue()
             i += 1
     order = np.random.RandomState(seed).permutation(len(samples))  # classes interleaved
     _shards(root / "test", [samples[j] for j in order], per_shard)

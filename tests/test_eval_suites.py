@@ -103,11 +103,16 @@ def test_run_evaluation_reports_a_failing_task_and_goes_on_and_logs_suite_metric
     (broken / "nshards.txt").write_text("1\n")
     (broken / "0.tar").write_bytes(b"not a tar file" * 10)
     (two_task_root / "wds_vtab-dtd" / "classnames.txt").write_text("banded\nbubbly\n")
-    fmow = two_task_root / "wds_wilds-fmow_test" / "test"  # DataComp's folder name; metric not computed here
     write_classification_wds(two_task_root / "wds_wilds-iwildcam_test", classes=["deer", "fox", "empty", "boar", "owl"],
                              counts=[3, 2, 2, 1, 1], templates=["a camera trap photo of a {c}."], seed=5)
-    fmow.mkdir(parents=True)
-    (fmow / "nshards.txt").write_text("1\n")
+    wino = two_task_root / "wds_misc-winogavil_test" / "test"  # present, but WinoGAViL is not computed here
+    wino.mkdir(parents=True)
+    (wino / "nshards.txt").write_text("1\n")
+    # GeoDE as DataComp ships it: .npy metadata [region, country] per sample; main metric acc_wg
+    regions = [0, 1, 2, 1, 0, 2, 2, 1, 0, 1, 2, 0]
+    write_classification_wds(two_task_root / "wds_geode_test", classes=["bag", "car", "dog", "hat", "pen"],
+                             counts=[3, 3, 2, 2, 2], templates=["a photo of a {c}."], seed=6,
+                             metadata=lambda i: [regions[i], 10 + i])
     job = load_job()
     embedder, size = job.load_embedder(str(tiny_checkpoint(tmp_path / "ckpt.pt")), arch=ARCH, device="cpu")
     logs = []
@@ -116,11 +121,16 @@ def test_run_evaluation_reports_a_failing_task_and_goes_on_and_logs_suite_metric
     results = run_evaluation(embedder, cfg, image_size=size, log=logs.append)
     res = results["suite/datacomp38"]
     assert res["failed"] == ["vtab/dtd"] and "no samples" in res["tasks"]["vtab/dtd"]["error"]
-    assert res["unsupported"] == ["wilds/fmow"] and "group metadata" in res["tasks"]["wilds/fmow"]["error"]
-    assert [k for k, t in res["tasks"].items() if t["status"] == "ok"] == ["cifar10", COCO_KEY, "wilds/iwildcam"]
-    assert len(res["missing"]) == 33
+    assert res["unsupported"] == ["misc/winogavil"] and "WinoGAViL" in res["tasks"]["misc/winogavil"]["error"]
+    assert [k for k, t in res["tasks"].items() if t["status"] == "ok"] == \
+        ["cifar10", COCO_KEY, "wilds/iwildcam", "fairness/geode"]
+    assert len(res["missing"]) == 32
     wild = res["tasks"]["wilds/iwildcam"]  # DataComp's F1-macro_all: macro F1 over the classes present
     assert wild["main"]["clip"] == wild["result"]["zeroshot"]["clip"]["macro_f1"]
+    geode = res["tasks"]["fairness/geode"]  # acc_wg: the worst accuracy over the 3 regions
+    zs = geode["result"]["zeroshot"]["clip"]
+    assert geode["main"]["clip"] == zs["worst_group_acc1"] and zs["num_groups"] == 3
+    assert zs["worst_group_acc1"] <= zs["acc1"]
     assert any("[7/38] vtab/dtd: failed" in line for line in logs)
     assert "linear_probe" not in res["tasks"]["cifar10"]["result"]  # suite tasks are zero-shot only
     assert "image_retrieval_recall@1" in res["tasks"][COCO_KEY]["result"]["retrieval"]["clip"]  # k=1 added
@@ -128,7 +138,8 @@ def test_run_evaluation_reports_a_failing_task_and_goes_on_and_logs_suite_metric
     flat = summary_metrics(results)
     assert set(flat) == {"datacomp38/cifar10/clip/acc1",
                          "datacomp38/retrieval-mscoco_2014_5k_test_image_text_retrieval/clip/mean_recall@1",
-                         "datacomp38/wilds-iwildcam/clip/F1-macro_all", "datacomp38/average_present/clip"}
+                         "datacomp38/wilds-iwildcam/clip/F1-macro_all", "datacomp38/fairness-geode/clip/acc_wg",
+                         "datacomp38/average_present/clip"}
     assert flat["datacomp38/cifar10/clip/acc1"] == res["tasks"]["cifar10"]["main"]["clip"]
     assert flat["datacomp38/average_present/clip"] == res["averages"]["clip"]["average_present"]
 

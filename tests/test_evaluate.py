@@ -45,6 +45,21 @@ def test_classification_metrics_match_a_direct_computation():
     assert m["acc1"] == 3 / 4  # an exact fraction, as CLIP_benchmark's (not a float32 mean)
 
 
+def test_worst_group_metrics_match_a_direct_computation():
+    from training.evaluate import worst_group_metrics
+
+    g = torch.Generator().manual_seed(2)
+    logits, labels = torch.randn(60, 8, generator=g), torch.randint(0, 8, (60,), generator=g)
+    labels[:20] = logits[:20].argmax(1)
+    groups = torch.randint(0, 4, (60,), generator=g) * 3  # group ids need not be contiguous
+    m = worst_group_metrics(logits, labels, groups)
+    top5 = logits.topk(5, dim=1).indices
+    acc1 = [(logits[groups == v].argmax(1) == labels[groups == v]).float().mean().item() for v in (0, 3, 6, 9)]
+    acc5 = [(top5[groups == v] == labels[groups == v][:, None]).any(1).float().mean().item() for v in (0, 3, 6, 9)]
+    assert m["worst_group_acc1"] == pytest.approx(min(acc1)) and m["worst_group_acc5"] == pytest.approx(min(acc5))
+    assert m["num_groups"] == 4 and min(acc1) < max(acc1)  # groups differ, so "worst" is a real choice
+
+
 def test_retrieval_metrics_match_brute_force():
     g = torch.Generator().manual_seed(1)
     owner = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, 5, 5, 6, 7, 7])  # several captions per image

@@ -95,7 +95,15 @@ def parse_wds_sample(sample: dict) -> dict:
         captions = _lines(sample["txt"].decode("utf-8", errors="replace")) or None
     if label is None and captions is None:
         raise ValueError(f"sample {key}: neither a .cls label nor .txt captions")
-    return {"key": key, "image": image, "label": label, "captions": captions}
+    out = {"key": key, "image": image, "label": label, "captions": captions}
+    if "npy" in sample:  # per-sample metadata (DataComp's WILDS / fairness sets: group fields)
+        import numpy as np
+
+        try:
+            out["metadata"] = np.load(io.BytesIO(sample["npy"]), allow_pickle=False).reshape(-1).tolist()
+        except ValueError as exc:
+            raise ValueError(f"sample {key}: unreadable .npy metadata: {exc}") from None
+    return out
 
 
 def wds_dataset(root: str, name: str | None = None) -> EvalDataset:

@@ -102,6 +102,23 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
     return {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": mpcr, "macro_f1": macro_f1}
 
 
+def worst_group_metrics(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> dict[str, float]:
+    """The lowest top-1 and top-5 accuracy over the non-empty groups (WILDS' worst-group metrics,
+    DataComp's main metrics for FMoW, GeoDE and Dollar Street) and the number of groups."""
+    labels = labels.long()
+    k = min(5, logits.shape[1])
+    topk = logits.topk(k, dim=1).indices
+    hit1, hit5 = topk[:, 0] == labels, (topk == labels[:, None]).any(dim=1)
+    acc1, acc5 = [], []
+    for g in torch.unique(groups).tolist():
+        members = groups == g
+        n = int(members.sum())
+        acc1.append(int(hit1[members].sum()) / n)
+        acc5.append(int(hit5[members].sum()) / n)
+    return {"worst_group_acc1": min(acc1), "worst_group_acc5": min(acc5) if k == 5 else None,
+            "num_groups": len(acc1)}
+
+
 def retrieval_metrics(sim: torch.Tensor, text_to_image: torch.Tensor,
                       ks: Iterable[int] = (1, 5, 10)) -> dict[str, float]:
     """Recall@k both ways from an [N_images, N_texts] similarity matrix; ``text_to_image[j]`` is
@@ -156,7 +173,7 @@ def image_features(embedder, samples: Iterable[dict], batch_size: int = 64,
                    max_samples: int | None = None) -> dict:
     """Encode every sample's image: ``{"features": {name: [N, D]}, "labels": [N] or None,
     "captions": list (per image) or None, "keys": [...]}``."""
-    feats, labels, captions, keys = [], [], [], []
+    feats, labels, captions, keys, metadata = [], [], [], [], []
     samples = iter(samples)
     if max_samples:
         samples = (s for _, s in zip(range(max_samples), samples))
@@ -167,11 +184,13 @@ def image_features(embedder, samples: Iterable[dict], batch_size: int = 64,
             labels.append(s["label"])
             captions.append(s["captions"])
             keys.append(s["key"])
+            metadata.append(s.get("metadata"))
     if not feats:
         raise ValueError("no samples to evaluate")
     return {"features": _cat(feats),
             "labels": None if any(v is None for v in labels) else torch.tensor(labels),
-            "captions": None if any(c is None for c in captions) else captions, "keys": keys}
+            "captions": None if any(c is None for c in captions) else captions, "keys": keys,
+            "metadata": None if any(m is None for m in metadata) else metadata}
 
 
 def text_features(embedder, texts: list[str], batch_size: int = 256) -> dict[str, torch.Tensor]:
@@ -189,10 +208,22 @@ def zeroshot_classifier(embedder, classnames: list[str], templates: list[str],
 
 # -- evaluations -------------------------------------------------------------------------------
 
-def zeroshot_eval(test: dict, classifier: dict[str, torch.Tensor], ensemble_weights) -> dict:
+def zeroshot_eval(test: dict, classifier: dict[str, torch.Tensor], ensemble_weights,
+                  group_by: int | None = None) -> dict:
+    """Classification metrics per name; with ``group_by`` (a column of the samples' metadata) also
+    the worst-group accuracies (:func:`worst_group_metrics`)."""
     sims = {name: test["features"][name] @ w.T for name, w in classifier.items()}
-    return {name: classification_metrics(s, test["labels"])
-            for name, s in with_ensembles(sims, ensemble_weights).items()}
+    groups = None
+    if group_by is not None:
+        if test.get("metadata") is None:
+            raise ValueError(f"worst-group metrics need .npy metadata on every sample (group column {group_by})")
+        groups = torch.tensor([m[group_by] for m in test["metadata"]])
+    out = {}
+    for name, s in with_ensembles(sims, ensemble_weights).items():
+        out[name] = classification_metrics(s, test["labels"])
+        if groups is not None:
+            out[name].update(worst_group_metrics(s, test["labels"], groups))
+    return out
 
 
 def retrieval_eval(embedder, test: dict, ensemble_weights, ks=(1, 5, 10), batch_size: int = 256) -> dict:
@@ -240,7 +271,7 @@ def evaluate_dataset(embedder, dataset: EvalDataset, cfg: dict, log: Callable = 
         if not templates:
             raise ValueError(f"dataset {dataset.name!r} has no templates; set eval.templates")
         classifier = zeroshot_classifier(embedder, dataset.classnames, templates, bs)
-        result["zeroshot"] = zeroshot_eval(test, classifier, weights)
+        result["zeroshot"] = zeroshot_eval(test, classifier, weights, cfg.get("group_by"))
     if test["captions"] is not None and cfg.get("retrieval", True):
         result["retrieval"] = retrieval_eval(embedder, test, weights, cfg.get("recall_at", [1, 5, 10]), bs)
     lp, fs = cfg.get("linear_probe", {}), cfg.get("fewshot", {})
@@ -285,16 +316,22 @@ def preprocess_size(preprocess, default: int = 224) -> int:
 
 # -- suites ------------------------------------------------------------------------------------
 
-CLASSIFICATION_METRICS = ("acc1", "acc5", "mean_per_class_recall", "macro_f1")
-METRIC_ALIASES = {"F1-macro_all": "macro_f1"}  # DataComp's (WILDS') name -> this project's
+CLASSIFICATION_METRICS = ("acc1", "acc5", "mean_per_class_recall", "macro_f1", "worst_group_acc1",
+                          "worst_group_acc5")
+# DataComp's (WILDS') names -> this project's
+METRIC_ALIASES = {"F1-macro_all": "macro_f1", "acc_worst_region": "worst_group_acc1",
+                  "acc_wg": "worst_group_acc1", "acc_top5_wg": "worst_group_acc5"}
 RETRIEVAL_METRIC = re.compile(r"^(image_retrieval_recall|text_retrieval_recall|mean_recall)@(\d+)$")
 
 
 def unsupported_reason(task: dict) -> str | None:
     """Why this project cannot compute a suite task's main metric (None when it can)."""
     metric = task["main_metric"]
-    if task["task"] == "zeroshot_classification" and METRIC_ALIASES.get(metric, metric) not in CLASSIFICATION_METRICS:
-        return f"main metric {metric} needs the task's group metadata (WILDS / fairness), not computed here"
+    metric = METRIC_ALIASES.get(metric, metric)
+    if task["task"] == "zeroshot_classification" and metric not in CLASSIFICATION_METRICS:
+        return f"main metric {metric} is not computed here"
+    if metric.startswith("worst_group") and task.get("group_by") is None:
+        return f"main metric {task['main_metric']} needs group_by (the metadata column of the groups) in the suite"
     if task["task"] == "zeroshot_retrieval" and not RETRIEVAL_METRIC.match(metric):
         return f"main metric {metric} is not a retrieval recall"
     if task["task"] == "winogavil":
@@ -373,7 +410,8 @@ def evaluate_suite(embedder, cfg: dict, log: Callable = print) -> dict:
         try:
             dataset = suite_task_dataset(folder, task)
             classify = task["task"] == "zeroshot_classification"
-            res = evaluate_dataset(embedder, dataset, {**base, "zeroshot": classify, "retrieval": not classify}, log)
+            res = evaluate_dataset(embedder, dataset, {**base, "zeroshot": classify, "retrieval": not classify,
+                                                       "group_by": task.get("group_by")}, log)
             entry.update(status="ok", main=_task_main(task, res), result=res)
             shown = ", ".join(f"{name} {100 * v:.2f}" for name, v in entry["main"].items())
             log(f"[{i}/{n}] {key}: {task['main_metric']} {shown} ({res['num_test']} images, {res['elapsed_s']}s)")
