@@ -152,6 +152,9 @@ def test_run_evaluation_reports_a_failing_task_and_goes_on_and_logs_suite_metric
     assert "unknown eval suite" in bad["suite/nope"]["error"]
     bad = run_evaluation(embedder, {"datasets": [], "suite": "retrieval"}, image_size=size, log=logs.append)
     assert "needs eval.wds_root" in bad["suite/retrieval"]["error"]
+    bad = run_evaluation(embedder, {"datasets": [], "suite": "retrieval", "wds_root": str(tmp_path / "nowhere")},
+                         image_size=size, log=logs.append)
+    assert "wds_root not found" in bad["suite/retrieval"]["error"]
 
 
 def test_suite_average_is_datacomps_mean_over_all_tasks():

@@ -381,6 +381,11 @@ def evaluate_suite(embedder, cfg: dict, log: Callable = print) -> dict:
     root = cfg.get("wds_root")
     if not root:
         raise ValueError(f"eval.suite={cfg['suite']} needs eval.wds_root (the folder of CLIP_benchmark wds datasets)")
+    import fsspec
+
+    fs, base = fsspec.core.url_to_fs(str(root))
+    if not fs.isdir(base):
+        raise ValueError(f"eval.wds_root not found: {root}")
     ks = sorted(set(cfg.get("recall_at") or [1, 5, 10]) | {int(m.group(2)) for t in suite["tasks"]
                                                            if (m := RETRIEVAL_METRIC.match(t["main_metric"]))})
     base = {**cfg, "recall_at": ks, "linear_probe": {"enabled": False}, "fewshot": {"enabled": False}}
