@@ -109,6 +109,18 @@ def discover_shards(input_url: str, input_format: str = "auto") -> list[InputSha
     elif input_format == "parquet":
         if not parquets:
             raise InputError(f"no img2dataset shards (*.tar or *.parquet) in {input_url}")
+        if tars:
+            raise InputError(
+                f"{input_url} holds webdataset shards (*.tar) next to img2dataset's per-shard "
+                "parquet files, which list the URLs but hold no images: use input_format=webdataset "
+                "(or auto), not parquet")
+        first = parquets[min(parquets)]
+        with fs.open(first, "rb") as f:  # one footer read: is this img2dataset's parquet format?
+            names = pq.ParquetFile(f).schema_arrow.names
+        if not any(c in names for c in PARQUET_IMAGE_COLUMNS):
+            raise InputError(
+                f"{fs.unstrip_protocol(first)} has no image column ({'/'.join(PARQUET_IMAGE_COLUMNS)}): "
+                "not img2dataset's parquet output format (--output_format parquet)")
         shards = [InputShard(stem, "parquet", fs.unstrip_protocol(p)) for stem, p in parquets.items()]
     else:
         raise InputError(f"input_format must be auto, webdataset or parquet, not {input_format!r}")
@@ -390,17 +402,14 @@ def read_shard(shard: InputShard, opts: IngestOptions) -> Iterator[pa.Table]:
                 yield table
             break
         except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, InputError):  # not this input format: never commit the shard
+                yield _failed_marker(shard.name, emitted, f"cannot read shard {shard.name}: {exc}")
+                return
             if is_io_error(exc):
                 attempt += 1
                 if attempt > retries:
-                    marker = end_marker(shard.name, emitted)
-                    marker = marker.set_column(marker.schema.get_field_index("status"), "status",
-                                               pa.array([SHARD_FAILED]))
-                    marker = marker.set_column(
-                        marker.schema.get_field_index("error"), "error",
-                        pa.array([f"cannot read shard {shard.name} after {retries} retries: "
-                                  f"{type(exc).__name__}: {exc}"]))
-                    yield marker
+                    yield _failed_marker(shard.name, emitted, f"cannot read shard {shard.name} after "
+                                         f"{retries} retries: {type(exc).__name__}: {exc}")
                     return
                 time.sleep(backoff_s * 2 ** (attempt - 1))
                 continue
@@ -416,6 +425,13 @@ def read_shard(shard: InputShard, opts: IngestOptions) -> Iterator[pa.Table]:
         marker = marker.set_column(marker.schema.get_field_index("error"), "error",
                                    pa.array(["; ".join(notes)]))
     yield marker
+
+
+def _failed_marker(shard_name: str, emitted: int, error: str) -> pa.Table:
+    """The end marker of a shard that could not be read: the writer leaves it uncommitted."""
+    marker = end_marker(shard_name, emitted)
+    marker = marker.set_column(marker.schema.get_field_index("status"), "status", pa.array([SHARD_FAILED]))
+    return marker.set_column(marker.schema.get_field_index("error"), "error", pa.array([error]))
 
 
 def _skip(rows: Iterator[dict], n: int) -> Iterator[dict]:

@@ -134,6 +134,19 @@ class OutputFolder:
     def committed(self) -> set[str]:
         return set(self._list("stats", ".parquet"))
 
+    # what the job writes at the output's top level (besides the folders of prepare())
+    JOB_FILES = ("summary.json", "report.html", "job_settings.json")
+
+    def clear(self) -> None:
+        """Delete what the job wrote here (not other files a user keeps in the folder)."""
+        for sub in ("shards", "stats", "shard_summaries", "_tmp"):
+            if self.fs.exists(self.path(sub)):
+                self.fs.rm(self.path(sub), recursive=True)
+        for name in self.JOB_FILES:
+            if self.fs.exists(self.path(name)):
+                self.fs.rm(self.path(name))
+        self.fs.invalidate_cache(self.root)
+
     def put(self, data: bytes, final: str) -> None:
         """Write ``final`` so that readers see either nothing or the whole file."""
         if self.remote:  # one PUT (or multipart upload) becomes visible only when complete

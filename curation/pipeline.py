@@ -31,8 +31,8 @@ from collections import defaultdict
 import pyarrow as pa
 
 from curation.caption_filters import CaptionFilterConfig, CaptionScorer
-from curation.ingest import (ERROR, PENDING, SHARD_END, SHARD_FAILED, IngestOptions, InputShard, discover_shards,
-                             read_shard)
+from curation.ingest import (ERROR, PENDING, SHARD_END, SHARD_FAILED, IngestOptions, InputError, InputShard,
+                             discover_shards, read_shard)
 from curation.ocr import TextSpotter, TextSpottingConfig, make_backend, set_torch_threads
 from curation.output import (EVALUATED, NOT_EVALUATED, OutputFolder, aggregate, finalize_shard,
                              format_funnel, write_part)
@@ -41,6 +41,10 @@ from curation.storage import Storage, absolute, is_remote, ray_env_vars
 
 class PipelineError(RuntimeError):
     pass
+
+
+class SettingsError(PipelineError):
+    """A user mistake found before any work (the job prints one line and exits 2)."""
 
 
 # --- stage functions (run inside Ray workers) ------------------------------------------------------
@@ -380,6 +384,77 @@ def warn_local_paths_on_cluster(paths: dict[str, str | None], log=print) -> None
         log(message)
 
 
+SETTINGS_FILE = "job_settings.json"
+
+
+def deciding_settings(cfg: dict, input_url: str) -> dict:
+    """The settings that decide what an output holds: the input and how it is read, the filters
+    (thresholds, switches, OCR engine and sizes) and the spaCy model. Not the resources, batch
+    sizes, progress or report switches: changing those never changes a shard."""
+    import json
+
+    ingest = cfg.get("ingest") or {}
+    settings = {
+        "input": str(input_url).rstrip("/"),
+        "input_format": cfg.get("input_format", "auto"),
+        "ingest": {k: ingest.get(k) for k in ("max_caption_chars", "max_image_pixels", "decode_images")},
+        "filters": cfg.get("filters") or {},
+        "spacy": {"model": (cfg.get("spacy") or {}).get("model")},
+    }
+    if not cfg.get("input"):  # the demo dataset: its recipe decides the input
+        settings["demo"] = {k: v for k, v in (cfg.get("demo") or {}).items() if k != "output"}
+    return json.loads(json.dumps(settings, default=str))
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def settings_diff(recorded: dict, current: dict) -> list[str]:
+    """``key: old -> new`` for every deciding setting that differs (dotted keys)."""
+    old, new = _flatten(recorded), _flatten(current)
+    return [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def guard_settings(out: OutputFolder, settings: dict, overwrite: bool, log=print) -> None:
+    """Resume only into an output made with the same deciding settings.
+
+    The first run records them in ``job_settings.json``. A re-run with other settings is refused
+    (its kept samples would mix two selections and ``summary.json`` would name only the new
+    one), unless ``overwrite=true``, which deletes what the job wrote and starts again.
+    """
+    recorded = out.read_json(SETTINGS_FILE)
+    if overwrite and (recorded is not None or out.committed()):
+        log(f"overwrite=true: deleting the curated output in {out.url}")
+        out.clear()
+        out.prepare()
+        recorded = None
+    if recorded is None:
+        if out.committed():
+            log(f"warning: {out.url} holds shards from a version that did not record its settings; "
+                "they are kept as they are")
+        out.write_json(SETTINGS_FILE, settings)
+        return
+    diff = settings_diff(recorded, settings)
+    if not diff:
+        return
+    if not out.committed():  # nothing made with the old settings survives: record the new ones
+        out.write_json(SETTINGS_FILE, settings)
+        return
+    raise SettingsError(
+        f"{out.url} was made with other settings ({'; '.join(diff)}); resuming would mix two "
+        "selections. Write to a new output folder, or pass overwrite=true to delete this one and "
+        "start again")
+
+
 def curate(cfg: dict, log=print) -> dict:
     """Run the CAT filter job described by ``cfg``; returns the summary written to summary.json."""
     import json
@@ -390,7 +465,7 @@ def curate(cfg: dict, log=print) -> dict:
     try:
         TextSpottingConfig.from_config(cfg["filters"]["text_spotting"])
     except ValueError as exc:
-        raise PipelineError(str(exc)) from None
+        raise SettingsError(str(exc)) from None
     storage = Storage.capture(cfg.get("storage_options")).apply()
     input_url = cfg.get("input")
     if not input_url:
@@ -398,10 +473,14 @@ def curate(cfg: dict, log=print) -> dict:
 
         input_url = build_demo_dataset(cfg["demo"]["output"], **{k: v for k, v in cfg["demo"].items() if k != "output"})
         log(f"no input given: using the embedded demo dataset at {input_url}")
-    shards = discover_shards(input_url, cfg.get("input_format", "auto"))
+    try:
+        shards = discover_shards(input_url, cfg.get("input_format", "auto"))
+    except InputError as exc:
+        raise SettingsError(str(exc)) from None
     out_url = absolute(cfg["output"])  # workers may run in another directory
     out = OutputFolder(out_url)
     out.prepare()
+    guard_settings(out, deciding_settings(cfg, absolute(input_url)), bool(cfg.get("overwrite")), log)
     out.clean_tmp()
     done = out.committed()
     pending = [s for s in shards if s.name not in done]

@@ -12,14 +12,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from curation.config import CONFIG_DIR, parse_cli  # noqa: E402
-from curation.pipeline import PipelineError, curate  # noqa: E402
+from curation.pipeline import PipelineError, SettingsError, curate  # noqa: E402
 
 
 def main(argv=None) -> int:
     cfg = parse_cli(argv, CONFIG_DIR / "curation" / "cat_filter.yaml", __doc__.splitlines()[0])
     try:
         summary = curate(cfg)
-    except PipelineError as exc:
+    except SettingsError as exc:  # a user mistake, found before any work
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except PipelineError as exc:  # shards that failed: a re-run retries them
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {cfg['output']} ({summary['funnel']['kept']} kept of {summary['funnel']['input']}"

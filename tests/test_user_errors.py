@@ -1,0 +1,117 @@
+"""No silent wrong results: a re-run with other settings, a wrong input format and a report of a
+folder that is not there are refused with one line, before any work."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curation.config import CONFIG_DIR, build_config
+from curation.demo_data import build_demo_dataset
+from curation.pipeline import PipelineError, SettingsError, curate
+
+from helpers import jpeg
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cfg_for(inp, out, *overrides):
+    return build_config(CONFIG_DIR / "curation" / "cat_filter.yaml",
+                        overrides=[f"input={inp}", f"output={out}", "progress=false", "report=false",
+                                   "filters.text_spotting.enabled=false", *overrides])
+
+
+@pytest.fixture(scope="module")
+def small_input(tmp_path_factory):
+    return build_demo_dataset(tmp_path_factory.mktemp("errs") / "in", num_samples=60, num_shards=2)
+
+
+def _kept(out: Path) -> set:
+    stats = pd.read_parquet(out / "stats")
+    return set(stats.key[stats.status == "kept"])
+
+
+def test_rerun_with_other_thresholds_is_refused_then_overwrite_redoes_it(ray_session, small_input, tmp_path):
+    out = tmp_path / "out"
+    curate(cfg_for(small_input, out), log=lambda *_: None)  # complexity.min 1
+    kept_before = _kept(out)
+    assert json.loads((out / "job_settings.json").read_text())["filters"]["complexity"]["min"] == 1
+
+    # the same settings resume (nothing to do), also when only resources or batch sizes change
+    logs = []
+    curate(cfg_for(small_input, out, "stages.caption.batch_size=16"), log=logs.append)
+    assert any("2 already done, 0 to process" in line for line in logs)
+    summary_before = (out / "summary.json").read_text()
+
+    with pytest.raises(SettingsError) as exc:
+        curate(cfg_for(small_input, out, "filters.complexity.min=3"), log=lambda *_: None)
+    msg = str(exc.value)
+    assert "filters.complexity.min: 1 -> 3" in msg and "overwrite=true" in msg and "new output" in msg
+    # nothing was touched: the provenance still names the settings the shards were made with
+    assert (out / "summary.json").read_text() == summary_before and _kept(out) == kept_before
+
+    strict = curate(cfg_for(small_input, out, "filters.complexity.min=3", "overwrite=true"), log=lambda *_: None)
+    assert strict["config"]["filters"]["complexity"]["min"] == 3
+    clean = tmp_path / "clean"
+    curate(cfg_for(small_input, clean, "filters.complexity.min=3"), log=lambda *_: None)
+    assert _kept(out) == _kept(clean) and _kept(out) < kept_before
+    assert json.loads((out / "job_settings.json").read_text())["filters"]["complexity"]["min"] == 3
+
+
+def test_parquet_format_on_webdataset_output_is_refused_before_any_work(small_input, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SettingsError, match="input_format=webdataset"):
+        curate(cfg_for(small_input, out, "input_format=parquet"), log=lambda *_: None)
+    assert not list((out / "stats").glob("*.parquet"))
+    # a later run with the right format does the work (nothing was committed)
+    with pytest.raises(SettingsError, match="has no image column"):
+        sidecars = tmp_path / "sidecars"  # the sidecar parquet files alone
+        sidecars.mkdir()
+        for p in Path(small_input).glob("*.parquet"):
+            (sidecars / p.name).write_bytes(p.read_bytes())
+        curate(cfg_for(sidecars, tmp_path / "out2", "input_format=parquet"), log=lambda *_: None)
+
+
+def _parquet_shard(path: Path, name: str, n: int, with_images: bool = True):
+    rows = {"key": [f"{name}{i:04d}" for i in range(n)],
+            "caption": ["a dog is chasing a ball in the park"] * n,
+            "url": [f"http://example.com/{name}/{i}.jpg" for i in range(n)],
+            "status": ["success"] * n}
+    if with_images:
+        rows["jpg"] = [jpeg((10 * i % 255, 80, 120)) for i in range(n)]
+    pq.write_table(pa.table(rows), path / f"{name}.parquet")
+
+
+def test_a_parquet_shard_without_images_is_never_committed(ray_session, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _parquet_shard(inp, "00000", 6)
+    _parquet_shard(inp, "00001", 6, with_images=False)  # not img2dataset's parquet format
+    out = tmp_path / "out"
+    with pytest.raises(PipelineError, match="00001"):
+        curate(cfg_for(inp, out, "input_format=parquet"), log=lambda *_: None)
+    assert sorted(p.stem for p in (out / "stats").glob("*.parquet")) == ["00000"]
+    assert len(pd.read_parquet(out / "stats")) == 6
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_prints_one_line_and_exits_2(small_input, tmp_path):
+    proc = _cli("pipelines/cat_filter.py", f"input={small_input}", f"output={tmp_path / 'o'}",
+                "input_format=parquet", "progress=false")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and "input_format=webdataset" in lines[-1]
+    assert "Traceback" not in proc.stderr
+
+    missing = tmp_path / "no-such-output"
+    proc = _cli("pipelines/report.py", str(missing))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert not missing.exists()  # the report does not create the folder
