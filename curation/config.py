@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -52,8 +53,32 @@ def deep_merge(base: Mapping, update: Mapping, *, strict: bool = True, _prefix: 
             free = not out[key]
             out[key] = deep_merge(out[key], value, strict=strict and not free, _prefix=name + ".")
         else:
+            if strict:
+                value = check_type(name, out[key], value)
             out[key] = copy.deepcopy(value)
     return out
+
+
+def check_type(name: str, default: Any, value: Any) -> Any:
+    """``value`` if it fits the default's type, else :class:`ConfigError`: a number where the
+    default is a number (an integer default takes a fraction too, e.g. ``train.epochs=0.5``;
+    ``1e-3``, which YAML reads as a string, becomes a float), a bool where it is a bool,
+    ``null`` always; other defaults (strings such as ``auto``, lists, null) take any value."""
+    if value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false (default {str(default).lower()}), got {value!r}")
+    elif isinstance(default, (int, float)):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            kind = "an integer" if isinstance(default, int) else "a number"
+            raise ConfigError(f"{name} must be {kind} (default {default}), got {value!r}")
+    return value
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -101,8 +126,13 @@ def parse_cli(argv: list[str] | None, default: str | Path, description: str) -> 
     try:
         return build_config(default, args.config, args.overrides)
     except ConfigError as exc:
-        parser.error(str(exc))
-        raise  # unreachable; parser.error exits
+        user_error(exc)
+
+
+def user_error(exc) -> None:
+    """Exit for a user mistake: ``error: ...`` in one line on stderr, exit code 2 (as argparse)."""
+    print(f"error: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def dump(config: Mapping) -> str:

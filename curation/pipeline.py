@@ -464,7 +464,8 @@ def curate(cfg: dict, log=print) -> dict:
     started = time.time()
     try:
         TextSpottingConfig.from_config(cfg["filters"]["text_spotting"])
-    except ValueError as exc:
+        CaptionFilterConfig.from_config(cfg["filters"])
+    except (ValueError, TypeError) as exc:  # a setting out of its allowed values
         raise SettingsError(str(exc)) from None
     storage = Storage.capture(cfg.get("storage_options")).apply()
     input_url = cfg.get("input")
@@ -479,7 +480,13 @@ def curate(cfg: dict, log=print) -> dict:
         raise SettingsError(str(exc)) from None
     out_url = absolute(cfg["output"])  # workers may run in another directory
     out = OutputFolder(out_url)
-    out.prepare()
+    try:
+        if out.fs.isfile(out.root):
+            raise FileExistsError(f"{out_url} is a file, not a folder")
+        out.prepare()
+        out.write_json("_tmp/.write_check", {})  # fails now, not after the first shard, when read-only
+    except (PermissionError, FileExistsError, NotADirectoryError, FileNotFoundError) as exc:
+        raise SettingsError(f"cannot write the output to {cfg['output']}: {exc}") from None
     guard_settings(out, deciding_settings(cfg, absolute(input_url)), bool(cfg.get("overwrite")), log)
     out.clean_tmp()
     done = out.committed()

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from curation.config import CONFIG_DIR, ConfigError, build_config  # noqa: E402
+from curation.config import CONFIG_DIR, ConfigError, build_config, user_error  # noqa: E402
 
 DEFAULT = CONFIG_DIR / "eval" / "default.yaml"
 
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     try:
         full = build_config(DEFAULT, args.config, args.overrides)
     except ConfigError as exc:
-        parser.error(str(exc))
+        user_error(exc)
     cfg = full["eval"]
     if cfg.get("suite") and not _sets_datasets(args):
         cfg["datasets"] = []  # the suite alone, unless datasets were asked for as well

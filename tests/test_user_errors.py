@@ -115,3 +115,42 @@ def test_cli_prints_one_line_and_exits_2(small_input, tmp_path):
     proc = _cli("pipelines/report.py", str(missing))
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert not missing.exists()  # the report does not create the folder
+
+
+@pytest.mark.parametrize("args, message", [
+    (["pipelines/cat_filter.py", "filters.complexity.min=two"],
+     "error: filters.complexity.min must be an integer (default 1), got 'two'"),
+    (["pipelines/cat_filter.py", "filters.complexity.measure=longest"],
+     "error: filters.complexity.measure must be one of"),
+    (["pipelines/cat_filter.py", "filters.complexity.mni=2"], "error: unknown config key 'filters.complexity.mni'"),
+    (["training/train.py", "train.batch_size=big"],
+     "error: train.batch_size must be an integer (default 32), got 'big'"),
+])
+def test_config_mistakes_are_one_line_before_ray(args, message, tmp_path):
+    proc = _cli(*args, f"output={tmp_path / 'o'}") if "cat_filter" in args[0] else _cli(*args)
+    assert proc.returncode == 2, proc.stdout[-1000:] + proc.stderr[-2000:]
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [proc.stderr.strip()]
+    assert proc.stderr.startswith(message), proc.stderr
+    assert "Ray" not in proc.stdout + proc.stderr  # refused before Ray started
+
+
+def test_output_that_is_a_file_is_one_line(small_input, tmp_path):
+    afile = tmp_path / "out.tar"
+    afile.write_bytes(b"not a folder")
+    with pytest.raises(SettingsError, match="is a file, not a folder"):
+        curate(cfg_for(small_input, afile), log=lambda *_: None)
+    assert afile.read_bytes() == b"not a folder"
+
+
+def test_config_types_and_scientific_notation():
+    from curation.config import ConfigError
+
+    cfg = build_config(CONFIG_DIR / "train" / "clip.yaml", overrides=["train.lr=1e-3", "train.epochs=0.5"])
+    assert cfg["train"]["lr"] == 0.001 and cfg["train"]["epochs"] == 0.5  # YAML reads 1e-3 as a string
+    with pytest.raises(ConfigError, match="must be true or false"):
+        build_config(CONFIG_DIR / "curation" / "cat_filter.yaml", overrides=["filters.action.enabled=maybe"])
+    with pytest.raises(ConfigError, match="must be a number"):
+        build_config(CONFIG_DIR / "curation" / "cat_filter.yaml", overrides=["filters.text_spotting.threshold=high"])
+    # string defaults such as "auto" take other types; null is always allowed
+    cfg = build_config(CONFIG_DIR / "train" / "clip.yaml", overrides=["scaling.use_gpu=false", "train.max_steps=null"])
+    assert cfg["scaling"]["use_gpu"] is False

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from curation.config import (CONFIG_DIR, ConfigError, apply_overrides, deep_merge,  # noqa: E402
+from curation.config import (CONFIG_DIR, ConfigError, apply_overrides, deep_merge, user_error,  # noqa: E402
                              load_yaml, parse_override)
 
 DEFAULT_CONFIG = CONFIG_DIR / "train" / "clip.yaml"
@@ -71,7 +71,7 @@ def parse_args(argv=None) -> dict:
     try:
         return build_train_config(args.config, args.overrides)
     except ConfigError as exc:
-        parser.error(str(exc))
+        user_error(exc)
         raise
 
 
