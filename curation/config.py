@@ -18,7 +18,23 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
+
+
+def _config_dir() -> Path:
+    """``configs/`` of the source tree (a clone, an editable install, ``ray job submit
+    --working-dir .``), else the copy a wheel installs as the ``cat_clip_configs`` package."""
+    in_tree = REPO_ROOT / "configs"
+    if in_tree.is_dir():
+        return in_tree
+    from importlib.util import find_spec
+
+    spec = find_spec("cat_clip_configs")  # a namespace package: data files only
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("no configs/: neither a source tree nor an installed cat-clip wheel")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+CONFIG_DIR = _config_dir()
 
 
 class ConfigError(ValueError):

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+from curation.config import CONFIG_DIR  # noqa: E402
+
+MODEL_CONFIG_DIR = CONFIG_DIR / "models"
 MAX_LOGIT_SCALE = 100.0
 _registered = False
 

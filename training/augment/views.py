@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import random
-from pathlib import Path
 from typing import Mapping
 
 import torch
 
+from curation.config import CONFIG_DIR
 from training.augment.image import ImageViews
 from training.augment.text import TextAugmenter
 
 __all__ = ["DEFAULTS_FILE", "MultiViewTransform", "sample_seed", "views_config"]
 
-DEFAULTS_FILE = Path(__file__).resolve().parents[2] / "configs" / "train" / "augment_defaults.yaml"
+DEFAULTS_FILE = CONFIG_DIR / "train" / "augment_defaults.yaml"
 
 
 def views_config(cfg: Mapping | None = None) -> dict:
