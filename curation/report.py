@@ -9,7 +9,7 @@ shards named in ``summary.json``; when the input is gone the examples are listed
 Memory stays bounded at any output size: the funnel adds up the per-shard summaries, the
 histograms and the reasons table are DuckDB aggregates streamed over ``stats/*.parquet`` (local,
 or in a bucket through the job's fsspec filesystem), and the examples come from a bounded sample
-of shards (the first :data:`EXAMPLE_SHARDS` committed ones).
+of shards (:data:`EXAMPLE_SHARDS` committed ones, chosen at random with a fixed seed).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import base64
 import html
 import io
 import json
+import random
 from collections import defaultdict
 from typing import Sequence
 
@@ -25,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.images import BadImage, decode_rgb
-from curation.ingest import DROPPED, ERROR, KEPT, IngestOptions, discover_shards, read_shard
+from curation.ingest import DROPPED, ERROR, KEPT, NOT_DOWNLOADED, IngestOptions, discover_shards, read_shard
 from curation.output import FILTERS, OutputFolder, aggregate
 
 EXAMPLE_SHARDS = 8  # examples are drawn from at most this many shards' stats
@@ -66,23 +67,53 @@ def float_histogram(values: Sequence[float | None], bins: int = 10) -> tuple[lis
     return [f"{i / bins:.1f}" for i in range(bins)], counts
 
 
-def svg_bars(title: str, labels: Sequence[str], counts: Sequence[int], width: int = 360,
-             height: int = 180) -> str:
-    """A small vertical bar chart as inline SVG."""
+SERIES_COLOURS = {"kept": "#54a24b", "dropped": "#bab0ac"}
+
+
+def svg_bars(title: str, labels: Sequence[str], counts: Sequence[int], width: int = 380,
+             height: int = 200, stacked: dict[str, Sequence[int]] | None = None,
+             x_title: str = "", y_title: str = "samples", threshold: float | None = None) -> str:
+    """A small vertical bar chart as inline SVG.
+
+    ``stacked``: per-series counts drawn on top of each other (kept, then dropped) instead of
+    one bar; ``threshold``: a dashed line at that position in bar units (``1.0`` = the left
+    edge of the second bar), e.g. a filter's minimum or its overlap threshold.
+    """
     n, top = max(1, len(counts)), max(counts) if counts and max(counts) else 1
-    pad_l, pad_b, pad_t = 30, 22, 22
+    pad_l, pad_b, pad_t = 34, 36, 22
     bw = (width - pad_l) / n
+    plot_h = height - pad_b - pad_t
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'role="img" aria-label="{html.escape(title)}">',
              f'<text x="{width / 2}" y="14" text-anchor="middle" font-size="13">{html.escape(title)}</text>',
-             f'<text x="2" y="{pad_t + 8}" font-size="10">{top}</text>']
-    for i, (lab, c) in enumerate(zip(labels, counts)):
-        h = (height - pad_b - pad_t) * c / top
-        x = pad_l + i * bw
-        parts.append(f'<rect x="{x + 1:.1f}" y="{height - pad_b - h:.1f}" width="{bw - 2:.1f}" '
-                     f'height="{h:.1f}" fill="#4c78a8"><title>{html.escape(lab)}: {c}</title></rect>')
-        parts.append(f'<text x="{x + bw / 2:.1f}" y="{height - 8}" text-anchor="middle" '
+             f'<text x="{pad_l - 4}" y="{pad_t + 8}" font-size="10" text-anchor="end">{top}</text>',
+             f'<text x="10" y="{pad_t + plot_h / 2:.0f}" font-size="10" text-anchor="middle" '
+             f'transform="rotate(-90 10 {pad_t + plot_h / 2:.0f})">{html.escape(y_title)}</text>',
+             f'<text x="{pad_l + (width - pad_l) / 2:.0f}" y="{height - 3}" font-size="10" '
+             f'text-anchor="middle">{html.escape(x_title)}</text>']
+    series = stacked or {"": counts}
+    for i, lab in enumerate(labels):
+        x, base = pad_l + i * bw, height - pad_b
+        for name, values in series.items():
+            c = values[i]
+            h = plot_h * c / top
+            base -= h
+            fill = SERIES_COLOURS.get(name, "#4c78a8")
+            what = f"{name} " if name else ""
+            parts.append(f'<rect x="{x + 1:.1f}" y="{base:.1f}" width="{bw - 2:.1f}" height="{h:.1f}" '
+                         f'fill="{fill}"><title>{html.escape(lab)}: {what}{c}</title></rect>')
+        parts.append(f'<text x="{x + bw / 2:.1f}" y="{height - pad_b + 12}" text-anchor="middle" '
                      f'font-size="10">{html.escape(lab)}</text>')
+    if threshold is not None:
+        tx = pad_l + threshold * bw
+        parts.append(f'<line x1="{tx:.1f}" y1="{pad_t}" x2="{tx:.1f}" y2="{height - pad_b}" stroke="#d62728" '
+                     f'stroke-dasharray="4 3" stroke-width="1.5"><title>threshold</title></line>'
+                     f'<text x="{tx + 3:.1f}" y="{pad_t + 10}" font-size="10" fill="#d62728">threshold</text>')
+    if stacked:
+        lx = width - 110
+        for j, name in enumerate(stacked):
+            parts.append(f'<rect x="{lx + j * 55}" y="20" width="9" height="9" fill="{SERIES_COLOURS.get(name, "#4c78a8")}"/>'
+                         f'<text x="{lx + j * 55 + 12}" y="28" font-size="10">{html.escape(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -98,20 +129,30 @@ def thumbnail_uri(image: bytes, side: int = 176) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def pick_examples(stats: pa.Table, per_group: int) -> dict[str, list[dict]]:
-    """Up to ``per_group`` rows (first by key) for: kept, each drop reason, errors."""
+def pick_examples(stats: pa.Table, per_group: int, seed: int = 0) -> dict[str, list[dict]]:
+    """Up to ``per_group`` rows drawn at random (seeded) for: kept, each drop reason, errors,
+    failed downloads."""
     groups = {"kept": pc.equal(stats["status"], KEPT)}
     for f in FILTERS:
         groups[f"dropped: {f}"] = pc.and_(pc.equal(stats["status"], DROPPED),
                                           pc.equal(stats["drop_reason"], f))
     groups["error"] = pc.equal(stats["status"], ERROR)
+    groups["not downloaded"] = pc.equal(stats["status"], NOT_DOWNLOADED)
+    rng = random.Random(seed)
     out = {}
     for name, mask in groups.items():
-        rows = stats.filter(pc.fill_null(mask, False))
+        rows = stats.filter(pc.fill_null(mask, False)).sort_by("key")
         if rows.num_rows:
-            rows = rows.sort_by("key").slice(0, per_group)
-            out[name] = rows.to_pylist()
+            picked = sorted(rng.sample(range(rows.num_rows), min(per_group, rows.num_rows)))
+            out[name] = rows.take(pa.array(picked, pa.int64())).to_pylist()
     return out
+
+
+def example_shards(committed: Sequence[str], seed: int = 0) -> list[str]:
+    """The (at most :data:`EXAMPLE_SHARDS`) shards the examples come from: a seeded random
+    choice across the whole output, not its first shards."""
+    committed = sorted(committed)
+    return sorted(random.Random(seed).sample(committed, min(EXAMPLE_SHARDS, len(committed))))
 
 
 def load_images(input_url: str | None, wanted: dict[str, set[str]]) -> dict[tuple[str, str], bytes]:
@@ -162,10 +203,11 @@ def stats_connection(out: OutputFolder, any_committed: bool):
 
 def stats_aggregates(out: OutputFolder, any_committed: bool | None = None) -> dict:
     """Histograms (the same bins as :func:`int_histogram` / :func:`float_histogram`) of the
-    evaluated samples and the drop-reason / error counts, streamed by DuckDB."""
+    evaluated samples, the same split into kept and dropped (``split``), and the drop-reason /
+    error counts, streamed by DuckDB."""
     empty = {"complexity": int_histogram([], INT_CAPS["complexity"]),
              "num_actions": int_histogram([], INT_CAPS["num_actions"]),
-             "text_overlap": float_histogram([], OVERLAP_BINS), "reasons": {}}
+             "text_overlap": float_histogram([], OVERLAP_BINS), "reasons": {}, "split": {}}
     if any_committed is None:
         any_committed = bool(out.committed())
     con, src = stats_connection(out, any_committed)
@@ -173,19 +215,20 @@ def stats_aggregates(out: OutputFolder, any_committed: bool | None = None) -> di
         return empty
     evaluated = "status IN ('kept', 'dropped')"
     out_ = dict(empty)
-    for col, cap in INT_CAPS.items():
-        labels, counts = int_histogram([], cap)
-        for v, n in con.execute(f"SELECT least({col}, {cap}) AS v, count(*) FROM {src} "
-                                f"WHERE {evaluated} AND {col} IS NOT NULL GROUP BY 1").fetchall():
-            counts[int(v)] = int(n)
+    out_["split"] = {}
+    bins = {col: f"least({col}, {cap})" for col, cap in INT_CAPS.items()}
+    bins["text_overlap"] = (f"least(CAST(floor(CAST(text_overlap AS DOUBLE) * {OVERLAP_BINS}) AS INTEGER), "
+                            f"{OVERLAP_BINS - 1})")
+    for col, expr in bins.items():
+        labels, counts = out_[col]
+        counts = [0] * len(counts)
+        split = {KEPT: [0] * len(counts), DROPPED: [0] * len(counts)}
+        for status, v, n in con.execute(f"SELECT status, {expr} AS v, count(*) FROM {src} "
+                                        f"WHERE {evaluated} AND {col} IS NOT NULL GROUP BY 1, 2").fetchall():
+            counts[int(v)] += int(n)
+            split[status][int(v)] += int(n)
         out_[col] = (labels, counts)
-    labels, counts = float_histogram([], OVERLAP_BINS)
-    for v, n in con.execute(
-            f"SELECT least(CAST(floor(CAST(text_overlap AS DOUBLE) * {OVERLAP_BINS}) AS INTEGER), "
-            f"{OVERLAP_BINS - 1}) AS v, count(*) FROM {src} "
-            f"WHERE {evaluated} AND text_overlap IS NOT NULL GROUP BY 1").fetchall():
-        counts[int(v)] = int(n)
-    out_["text_overlap"] = (labels, counts)
+        out_["split"][col] = split
     reasons = {}
     for status, reason, n in con.execute(
             f"SELECT status, CASE WHEN status = 'dropped' THEN drop_reason "
@@ -243,13 +286,48 @@ def _card(row: dict, uri: str | None) -> str:
     return f'<div class="card">{"".join(parts)}</div>'
 
 
+def chart_thresholds(filters: dict) -> dict[str, float]:
+    """Where each enabled filter's threshold falls on its chart, in bar units."""
+    out = {}
+    c, a, t = (filters.get(k) or {} for k in ("complexity", "action", "text_spotting"))
+    if c.get("enabled", True) and c.get("min") is not None:
+        out["complexity"] = float(min(int(c["min"]), INT_CAPS["complexity"]))
+    if a.get("enabled", True) and a.get("min") is not None:
+        out["num_actions"] = float(min(int(a["min"]), INT_CAPS["num_actions"]))
+    if t.get("enabled", True) and t.get("threshold") is not None and t.get("measure") != "fondant":
+        out["text_overlap"] = float(t["threshold"]) * OVERLAP_BINS
+    return out
+
+
+def settings_table(filters: dict) -> str:
+    """The filter settings as a two-column table (``complexity.min`` | ``1``)."""
+    rows = []
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                walk(v, f"{prefix}{k}.")
+            else:
+                rows.append((f"{prefix}{k}", json.dumps(v) if not isinstance(v, str) else v))
+
+    walk(filters, "")
+    body = "".join(f"<tr><td><code>{html.escape(k)}</code></td><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<table><tr><th>setting</th><th>value</th></tr>{body}</table>"
+
+
 def build_report(funnel: dict, aggregates: dict, sample: pa.Table, summary: dict,
                  examples: int = 6) -> str:
     """The report's HTML from the funnel, the stats aggregates, a bounded sample of stats rows
     (for the examples) and the run's summary."""
-    charts = [svg_bars("caption complexity (evaluated)", *aggregates["complexity"]),
-              svg_bars("actions per caption (evaluated)", *aggregates["num_actions"]),
-              svg_bars("text overlap (OCR'd samples)", *aggregates["text_overlap"])]
+    filters = (summary.get("config") or {}).get("filters") or {}
+    lines = chart_thresholds(filters)
+    split = aggregates.get("split") or {}
+    charts = [svg_bars("caption complexity (evaluated)", *aggregates["complexity"], stacked=split.get("complexity"),
+                       x_title="complexity score", threshold=lines.get("complexity")),
+              svg_bars("actions per caption (evaluated)", *aggregates["num_actions"], stacked=split.get("num_actions"),
+                       x_title="actions in the caption", threshold=lines.get("num_actions")),
+              svg_bars("text overlap (OCR'd samples)", *aggregates["text_overlap"], stacked=split.get("text_overlap"),
+                       x_title="caption words found in the image text", threshold=lines.get("text_overlap"))]
     picked = pick_examples(sample, examples)
     wanted = defaultdict(set)
     for rows in picked.values():
@@ -262,7 +340,7 @@ def build_report(funnel: dict, aggregates: dict, sample: pa.Table, summary: dict
                               if (r["shard"], r["key"]) in images else None) for r in rows)
         sections.append(f"<h3>{html.escape(name)}</h3><div class=ex>{cards}</div>")
     ts = (summary.get("config") or {}).get("filters", {}).get("text_spotting", {})
-    settings = html.escape(json.dumps((summary.get("config") or {}).get("filters", {}), sort_keys=True))
+    settings = settings_table(filters)
     title = f"CAT filter report: {html.escape(str(summary.get('output', '')))}"
     shown = sorted(set(sample["shard"].to_pylist())) if sample.num_rows else []
     return f"""<!doctype html>
@@ -275,7 +353,7 @@ elapsed {summary.get('elapsed_s', '?')} s &middot; text spotting
 <h2>Distributions</h2><div class="charts">{''.join(charts)}</div>
 <h2>Drop reasons and errors</h2>{_reasons_table(aggregates["reasons"], funnel["input"])}
 <h2>Examples</h2><p class="meta">from {len(shown)} shard(s): {html.escape(", ".join(shown[:EXAMPLE_SHARDS]))}</p>{''.join(sections)}
-<h2>Filter settings</h2><pre style="white-space:pre-wrap;font-size:11px">{settings}</pre>
+<h2>Filter settings</h2>{settings}
 </body></html>
 """
 
@@ -293,7 +371,7 @@ def write_report(output_url: str, examples: int = 6, committed: list[str] | None
     committed = sorted(out.committed() if committed is None else committed)
     if funnel is None:
         funnel, _, _ = aggregate(out, committed)
-    sample = out.read_stats(names=committed[:EXAMPLE_SHARDS])
+    sample = out.read_stats(names=example_shards(committed))
     page = build_report(funnel, stats_aggregates(out, bool(committed)), sample, summary, examples)
     out.fs.makedirs(out.path("_tmp"), exist_ok=True)
     out.put(page.encode("utf-8"), out.path("report.html"))

@@ -113,6 +113,11 @@ def test_aggregates_equal_the_whole_table_and_duckdb_bins_match_python(tmp_path)
     for col, cap in INT_CAPS.items():
         assert agg[col] == int_histogram([r[col] for r in ev], cap)
     assert agg["text_overlap"] == float_histogram([r["text_overlap"] for r in ev], OVERLAP_BINS)
+    for status in ("kept", "dropped"):  # the same bins split by status
+        rows = [r for r in ev if r["status"] == status]
+        for col, cap in INT_CAPS.items():
+            assert agg["split"][col][status] == int_histogram([r[col] for r in rows], cap)[1]
+        assert agg["split"]["text_overlap"][status] == float_histogram([r["text_overlap"] for r in rows], OVERLAP_BINS)[1]
     assert sum(agg["text_overlap"][1]) > 0
     assert agg["reasons"] == _python_reasons(stats) and agg["reasons"][("error", "not a recognised image format (12 bytes)")] == 3
 

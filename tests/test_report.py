@@ -10,7 +10,8 @@ import pytest
 
 from curation.ingest import IngestOptions, InputShard, read_shard
 from curation.output import OutputFolder, write_shard
-from curation.report import float_histogram, int_histogram, svg_bars, write_report
+from curation.report import (EXAMPLE_SHARDS, example_shards, float_histogram, int_histogram, pick_examples,
+                             svg_bars, write_report)
 
 from helpers import jpeg, noisy_jpeg, write_wds_shard
 
@@ -21,6 +22,22 @@ def test_histograms_and_svg():
     assert labels == ["0.0", "0.2", "0.5", "0.8"] and counts == [2, 0, 1, 1]
     svg = svg_bars("t <x>", ["a", "b"], [3, 0])
     assert svg.count("<rect") == 2 and "t &lt;x&gt;" in svg and 'height="0.0"' in svg
+    svg = svg_bars("s", ["0", "1"], [3, 2], stacked={"kept": [1, 2], "dropped": [2, 0]}, threshold=1.0,
+                   x_title="score")
+    assert svg.count("<rect") == 4 + 2 and "0: dropped 2" in svg and "threshold" in svg and ">score<" in svg
+
+
+def test_examples_are_seeded_random_draws_across_shards():
+    names = [f"{i:05d}" for i in range(200)]
+    chosen = example_shards(names)
+    assert len(chosen) == EXAMPLE_SHARDS and chosen == example_shards(names) and chosen != names[:EXAMPLE_SHARDS]
+    assert max(chosen) > names[EXAMPLE_SHARDS]  # not only the first shards
+    stats = pa.table({"key": [f"k{i:03d}" for i in range(100)], "status": ["kept"] * 90 + ["not_downloaded"] * 10,
+                      "drop_reason": pa.array([None] * 100, pa.string())})
+    a, b = pick_examples(stats, 5, seed=0), pick_examples(stats, 5, seed=1)
+    assert len(a["kept"]) == 5 and len(a["not downloaded"]) == 5
+    assert a == pick_examples(stats, 5, seed=0) and a["kept"] != b["kept"]
+    assert [r["key"] for r in a["kept"]] != [f"k{i:03d}" for i in range(5)]  # not the first by key
 
 
 def _written_output(tmp_path):
@@ -55,7 +72,10 @@ def _written_output(tmp_path):
     folder.prepare()
     write_shard(shard.name, rows, str(out))
     folder.write_json("summary.json", {"input": str(inp), "output": str(out), "elapsed_s": 1.0,
-                                       "config": {"filters": {"text_spotting": {"enabled": True}}}})
+                                       "config": {"filters": {"complexity": {"enabled": True, "min": 1},
+                                                              "action": {"enabled": True, "min": 1},
+                                                              "text_spotting": {"enabled": True,
+                                                                                "threshold": 0.4}}}})
     return out
 
 
@@ -68,8 +88,14 @@ def test_report_is_self_contained(tmp_path):
     assert page.count('src="data:image/jpeg;base64,') == 3
     assert re.findall(r'(?:src|href)="(?!data:)', page) == []  # nothing loaded from elsewhere
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    for heading in ("kept", "dropped: complexity", "dropped: text_spotting", "error"):
+    for heading in ("kept", "dropped: complexity", "dropped: text_spotting", "error", "not downloaded"):
         assert f"<h3>{heading}</h3>" in page
+    # histograms split kept/dropped, with the thresholds drawn and axis titles
+    assert page.count("<title>threshold</title>") == 3
+    assert "complexity score" in page and "caption words found in the image text" in page
+    assert "2: kept 1</title>" in page and "2: dropped 1</title>" in page  # k1 kept, k3 dropped at C=2
+    # the settings as a table
+    assert "<td><code>text_spotting.threshold</code></td><td>0.4</td>" in page
     assert "OCR: A DOG SLEEPING ON A SOFA" in page and "T overlap=1.00" in page
     assert re.search(r"<td>input samples</td><td class=\"n\">5</td>", page)
     assert "empty image" in page  # the error table
