@@ -177,6 +177,29 @@ def test_open_clip_teacher_loads_local_checkpoint(tiny_teacher):
     np.testing.assert_allclose(fh, f, atol=0.05)
 
 
+def test_a_trainer_checkpoint_brings_its_architecture(tmp_path):
+    """As evaluate.py: the folder's meta.json names the architecture (teacher.arch is ignored)."""
+    import open_clip
+
+    from training.checkpoint import save_checkpoint
+    from training.model import register_model_configs
+
+    register_model_configs()
+    torch.manual_seed(3)
+    clip = open_clip.create_model("micro-vit-32")
+    folder = tmp_path / "checkpoint_step_0000000010"
+    save_checkpoint(folder, module=clip, clip=clip, arch="micro-vit-32", recipe="clip", step=10, epoch=1)
+    img = Image.new("RGB", (40, 30), (10, 200, 10))
+    clip.eval()
+    _, _, preprocess = open_clip.create_model_and_transforms("micro-vit-32")
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(clip.encode_image(preprocess(img)[None]), dim=-1).numpy()
+    for given in (folder, folder / "open_clip.pt"):
+        teacher = C.load_teacher({"kind": "open_clip", "arch": "ViT-B-32", "checkpoint": str(given)})
+        assert teacher.description["arch"] == "micro-vit-32"
+        np.testing.assert_allclose(teacher.encode(teacher.preprocess(img)[None]), want, atol=1e-5)
+
+
 def test_timm_teacher_loads_local_weights_and_ignores_the_head(tmp_path):
     import timm
 

@@ -266,3 +266,21 @@ def test_plan_batches_and_config_errors():
         get_recipe({**cfg, "recipe": "nope"})
     with pytest.raises(ValueError, match="unknown open_clip architecture"):
         get_recipe({**cfg, "model": {**cfg["model"], "arch": "no-such-arch"}}).build_model()
+
+
+def test_tensorboard_reads_the_training_logs(tmp_path):
+    """The logs are TensorBoard's format: its own reader (the `tensorboard` extra) gets them back."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from training.loop import MetricsLogger
+
+    logger = MetricsLogger(str(tmp_path), True, print_fn=lambda *_: None)
+    for step in range(1, 4):
+        logger.log(step, {"train/loss": 1.0 / step, "eval/zeroshot_acc1": 0.1 * step}, progress=False)
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "eval/zeroshot_acc1"} <= set(events.Tags()["scalars"])
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3]
+    assert [round(e.value, 4) for e in loss] == [1.0, 0.5, 0.3333]

@@ -388,13 +388,33 @@ def torchvision_preprocess(name: str, image_size: int | None = None):
     return ImageClassification(crop_size=image_size or 224, resize_size=image_size or 256)
 
 
+def trainer_checkpoint_arch(path) -> tuple[str, str] | None:
+    """``(open_clip.pt file, architecture)`` when ``path`` is a checkpoint folder written by
+    ``training/train.py`` (or its ``open_clip.pt``): the architecture comes from its
+    ``meta.json`` (a CLIP 🚀 export's own model config is registered), as in
+    ``pipelines/evaluate.py``. None for any other file."""
+    if not path:
+        return None
+    from training.checkpoint import META_FILE, open_clip_arch, open_clip_file
+
+    path = os.path.expanduser(str(path))
+    if not os.path.exists(path):
+        return None
+    file = open_clip_file(path)
+    if not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(file)), META_FILE)):
+        return None
+    return file, open_clip_arch(file)
+
+
 def load_teacher(cfg: dict, device: str = "cpu") -> Teacher:
     """Load the frozen teacher described by the ``teacher`` config section.
 
     * ``kind: open_clip``: ``arch`` (an open_clip model name, or one defined by the JSON
       ``model_config`` file/folder registered with ``open_clip.add_model_config``) and
       ``checkpoint`` (a local open_clip checkpoint, ``{"state_dict": ...}`` or a bare
-      state_dict). Features: ``encode_image`` normalised.
+      state_dict). A checkpoint folder of this trainer (or its ``open_clip.pt``) brings its
+      architecture from ``meta.json``: ``arch`` is then ignored. Features: ``encode_image``
+      normalised.
     * ``kind: timm``: ``name`` (any timm model) built with ``pretrained=False, num_classes=0``
       and ``checkpoint`` (a local weights file); the classifier head's weights, if present, are
       ignored. Features: the pooled pre-logits.
@@ -412,6 +432,9 @@ def load_teacher(cfg: dict, device: str = "cpu") -> Teacher:
     import torch
 
     kind = cfg.get("kind", "open_clip")
+    trained = trainer_checkpoint_arch(cfg.get("checkpoint")) if kind == "open_clip" else None
+    if trained is not None:  # this trainer's checkpoint: its meta.json names the architecture
+        cfg = {**cfg, "checkpoint": trained[0], "arch": trained[1]}
     ckpt = _require_file(cfg.get("checkpoint"), "checkpoint")
     precision = cfg.get("precision") or "fp32"
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
