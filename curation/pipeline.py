@@ -384,6 +384,25 @@ def warn_local_paths_on_cluster(paths: dict[str, str | None], log=print) -> None
         log(message)
 
 
+class ShardProgress:
+    """``[k/N shards, S samples/s, ETA ...]`` for the log line of each committed shard (the
+    rate counts this run's shards only; the ETA assumes the remaining shards are alike)."""
+
+    def __init__(self, total: int, done: int, clock=time.monotonic):
+        self.total, self.done, self.clock = total, done, clock
+        self.started, self.samples, self.shards = clock(), 0, 0
+
+    def shard_done(self, samples: int) -> str:
+        self.done, self.shards, self.samples = self.done + 1, self.shards + 1, self.samples + samples
+        elapsed = max(self.clock() - self.started, 1e-9)
+        left = self.total - self.done
+        eta = elapsed / self.shards * left
+        eta_text = (f"{eta / 3600:.1f} h" if eta >= 3600 else f"{eta / 60:.1f} min" if eta >= 60
+                    else f"{eta:.0f} s")
+        return (f"[{self.done}/{self.total} shards, {self.samples / elapsed:.1f} samples/s, "
+                f"ETA {eta_text if left else 'done'}]")
+
+
 SETTINGS_FILE = "job_settings.json"
 
 
@@ -498,6 +517,7 @@ def curate(cfg: dict, log=print) -> dict:
     if pending:
         init_ray(cfg.get("ray", {}), storage)
         warn_local_paths_on_cluster({"input": input_url, "output": cfg["output"]}, log)
+        progress = ShardProgress(len(shards), len(shards) - len(pending))
         tracker = ray.remote(ShardTracker).options(num_cpus=0).remote()
         ds = build_dataset(pending, cfg, out.url, tracker, storage)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -509,7 +529,7 @@ def curate(cfg: dict, log=print) -> dict:
                 f = json.loads(r["summary"])["funnel"]
                 log(f"shard {r['shard']}: {f['input']} samples, {f['kept']} kept, "
                     f"{f['evaluated'] - f['kept']} dropped, {f['errors']} errors, "
-                    f"{f['not_downloaded']} not downloaded")
+                    f"{f['not_downloaded']} not downloaded  {progress.shard_done(f['input'])}")
         committed_now = out.committed()
         for name in ray.get(tracker.open_shards.remote()):
             if name not in committed_now and name not in failures:

@@ -154,3 +154,17 @@ def test_config_types_and_scientific_notation():
     # string defaults such as "auto" take other types; null is always allowed
     cfg = build_config(CONFIG_DIR / "train" / "clip.yaml", overrides=["scaling.use_gpu=false", "train.max_steps=null"])
     assert cfg["scaling"]["use_gpu"] is False
+
+
+def test_shard_progress_line():
+    from curation.pipeline import ShardProgress
+
+    now = [100.0]
+    p = ShardProgress(total=10, done=2, clock=lambda: now[0])  # 2 shards done by an earlier run
+    now[0] = 110.0
+    assert p.shard_done(500) == "[3/10 shards, 50.0 samples/s, ETA 1.2 min]"  # 7 left x 10 s
+    now[0] = 120.0
+    assert p.shard_done(1500) == "[4/10 shards, 100.0 samples/s, ETA 1.0 min]"
+    for _ in range(6):
+        line = p.shard_done(1000)
+    assert line.startswith("[10/10 shards,") and line.endswith("ETA done]")
