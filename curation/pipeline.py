@@ -199,7 +199,8 @@ def init_ray(ray_cfg: dict, storage: Storage | None = None):
     if address == "local":
         if ray_cfg.get("num_cpus"):
             kwargs["num_cpus"] = int(ray_cfg["num_cpus"])
-        kwargs["include_dashboard"] = False
+        # the dashboard (http://127.0.0.1:8265) only when asked: it costs start-up time and a port
+        kwargs["include_dashboard"] = bool(ray_cfg.get("dashboard", False))
         env = ray_env_vars(storage) if storage is not None else {}
         if env:
             kwargs["runtime_env"] = {"env_vars": env}
