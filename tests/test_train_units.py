@@ -284,3 +284,34 @@ def test_tensorboard_reads_the_training_logs(tmp_path):
     loss = events.Scalars("train/loss")
     assert [e.step for e in loss] == [1, 2, 3]
     assert [round(e.value, 4) for e in loss] == [1.0, 0.5, 0.3333]
+
+
+def test_worker_lines_print_once_under_ray_trains_print_patch(capsys, monkeypatch):
+    """Ray Train patches ``print`` on its workers (log + echo when stdout is wrapped, as in a
+    Ray worker): a step line printed with it appeared twice; ``worker_print`` writes it once."""
+    import builtins
+    import io
+    import logging
+    import sys
+
+    from ray.train.v2._internal.logging.patch_print import redirected_print
+
+    from training.loop import worker_print
+
+    wrapped = io.StringIO()
+    handler = logging.StreamHandler(wrapped)  # Ray Train's workers log INFO to their stdout
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    monkeypatch.setattr(sys, "stdout", wrapped)  # not sys.__stdout__, as in a Ray worker
+    monkeypatch.setattr(builtins, "print", redirected_print)
+    try:
+        print("step 4/4 (patched print)")
+        worker_print("step 4/4 (worker_print)")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    lines = wrapped.getvalue().splitlines()
+    assert lines.count("step 4/4 (patched print)") == 2  # what the trainer showed before
+    assert lines.count("step 4/4 (worker_print)") == 1

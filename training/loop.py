@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -257,6 +258,14 @@ def resume_dir(ray_checkpoint, run_url: str | None, storage=None):
         yield str(fetch_dir(found[0], tmp, storage))
 
 
+def worker_print(text: str, **_) -> None:
+    """One line on this worker's stdout (Ray forwards it to the driver). Ray Train replaces
+    ``print`` on its workers with one that logs the message and, when stdout is wrapped (as it
+    is in a Ray worker), also prints it: every line appeared twice."""
+    sys.stdout.write(f"{text}\n")
+    sys.stdout.flush()
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -305,7 +314,7 @@ def train_loop_per_worker(config: dict) -> None:
             step, epoch, epoch_step = state["step"], state["epoch"], int(meta.get("epoch_step", 0))
             resumed = True
             if is_main:
-                print(f"resumed from checkpoint at step {step} (epoch {epoch})", flush=True)
+                worker_print(f"resumed from checkpoint at step {step} (epoch {epoch})")
 
     net: nn.Module = module
     if world > 1:
@@ -322,7 +331,7 @@ def train_loop_per_worker(config: dict) -> None:
     if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         worker_nodes = [None] * world
         torch.distributed.all_gather_object(worker_nodes, ray.get_runtime_context().get_node_id())
-    logger = MetricsLogger(log_dir, is_main, storage=storage)
+    logger = MetricsLogger(log_dir, is_main, print_fn=worker_print, storage=storage)
     debug = DebugHooks(cfg.get("debug") or {}, rank, log_dir)
     shard = ray.train.get_dataset_shard("train")
     dcfg = cfg["data"]
