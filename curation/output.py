@@ -67,6 +67,9 @@ STATS_SCHEMA = pa.schema([
     ("text_overlap", pa.float32()),
     ("passed_text_spotting", pa.bool_()),
     ("text_spotting_status", pa.string()),
+    ("ocr_engine", pa.string()),     # evaluated samples: what decided (ppocr, easyocr, ...),
+    ("ocr_side", pa.int32()),        # the detector's longest side (at most)
+    ("text_rule", pa.string()),      # and the drop rule (e.g. partial>=0.4)
     ("width", pa.int32()),
     ("height", pa.int32()),
     ("image_format", pa.string()),

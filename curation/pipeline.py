@@ -33,7 +33,7 @@ import pyarrow as pa
 from curation.caption_filters import CaptionFilterConfig, CaptionScorer
 from curation.ingest import (ERROR, PENDING, SHARD_END, SHARD_FAILED, IngestOptions, InputError, InputShard,
                              discover_shards, read_shard)
-from curation.ocr import TextSpotter, TextSpottingConfig, make_backend, set_torch_threads
+from curation.ocr import TextSpotter, TextSpottingConfig, set_torch_threads
 from curation.output import (EVALUATED, NOT_EVALUATED, OutputFolder, aggregate, finalize_shard,
                              format_funnel, write_part)
 from curation.storage import Storage, absolute, is_remote, ray_env_vars
@@ -145,7 +145,7 @@ def add_text_spotting(batch: pa.Table, spotter: TextSpotter) -> pa.Table:
     n = batch.num_rows
     status, error = batch["status"].to_pylist(), batch["error"].to_pylist()
     cols = {name: [None] * n for name in ("ocr_text", "ocr_boxes", "text_overlap",
-                                          "passed_text_spotting")}
+                                          "passed_text_spotting", "ocr_engine", "ocr_side", "text_rule")}
     ts_status = [NOT_EVALUATED if s == PENDING else None for s in status]
     for i, r in zip(idx, results):
         if r.error:
@@ -154,12 +154,15 @@ def add_text_spotting(batch: pa.Table, spotter: TextSpotter) -> pa.Table:
         ts_status[i] = EVALUATED
         cols["ocr_text"][i], cols["ocr_boxes"][i] = r.ocr_text, r.ocr_boxes
         cols["text_overlap"][i], cols["passed_text_spotting"][i] = r.text_overlap, r.passed
+        cols["ocr_engine"][i], cols["ocr_side"][i], cols["text_rule"][i] = r.engine, r.side, r.rule
     batch = batch.set_column(batch.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
     batch = batch.set_column(batch.schema.get_field_index("error"), "error", pa.array(error, pa.string()))
     for name, typ in (("ocr_text", pa.string()), ("ocr_boxes", pa.int32()),
                       ("text_overlap", pa.float32()), ("passed_text_spotting", pa.bool_())):
         batch = batch.append_column(name, pa.array(cols[name], typ))
     batch = batch.append_column("text_spotting_status", pa.array(ts_status, pa.string()))
+    for name, typ in (("ocr_engine", pa.string()), ("ocr_side", pa.int32()), ("text_rule", pa.string())):
+        batch = batch.append_column(name, pa.array(cols[name], typ))
     return prune_payload(batch, still_alive(batch))
 
 
@@ -173,8 +176,7 @@ class TextSpottingStage:
             storage.apply()
         set_torch_threads(torch_threads)
         cfg = TextSpottingConfig.from_config(ts_cfg)
-        backend = make_backend(cfg.backend, languages=cfg.languages, gpu=gpu,
-                               batch_size=ocr_batch_size)
+        backend = cfg.make_backend(gpu=gpu, batch_size=ocr_batch_size, threads=torch_threads)
         self.spotter = TextSpotter(cfg, backend, max_pixels=max_pixels)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -9,6 +9,13 @@ Pure functions, no OCR: they take the recognised strings and the caption.
   "cat" does not match "car"), or (for 5+ characters) inside the recognised text with spaces
   removed, which catches words that OCR ran together ("SUNSETBEACH"). Drop when the score is
   >= the threshold.
+* :func:`partial_word_overlap` (measure ``partial``): the same fraction, where a content word is
+  also found (4+ characters) when its best partial match in the recognised text (lower-cased
+  tokens joined without spaces) scores >= ``PARTIAL_CUTOFF`` (``rapidfuzz.fuzz.partial_ratio``,
+  0-100: one wrong character in 7), or when a recognised word of 4+ characters, at least half as
+  long, is its start or end with at most one edit in five (clipped at an edge: "eween" for
+  "halloween"). Character-level, so words that OCR ran together ("tableandvintagekite"), split
+  ("COOK IES") or clipped still count; it finds every word that ``content_words`` finds.
 * :func:`fondant_overlap` (measure ``fondant``): Fondant's rule, 1.0 when any recognised word
   (lower-cased) is a substring of the lower-cased caption, else 0.0.
 """
@@ -22,7 +29,8 @@ from typing import Sequence
 
 from spacy.lang.en.stop_words import STOP_WORDS
 
-MEASURES = ("content_words", "fondant")
+MEASURES = ("content_words", "partial", "fondant")
+PARTIAL_CUTOFF = 85
 _TOKEN = re.compile(r"[^\W_]+", re.UNICODE)
 
 
@@ -86,6 +94,42 @@ def content_word_overlap(ocr_texts: Sequence[str], caption: str) -> float:
     return sum(word_found(w, ocr_words, joined) for w in words) / len(words)
 
 
+def clipped_piece(piece: str, word: str) -> bool:
+    """``piece`` (4+ characters, at least half of ``word``) is ``word``'s start or end with at most
+    one edit per five characters (a word that OCR clipped at an edge of its box: "eween" for
+    "halloween")."""
+    from rapidfuzz.distance import Levenshtein
+
+    n = len(piece)
+    if not 4 <= n < len(word) <= 2 * n:
+        return False
+    return any(Levenshtein.distance(piece, part, score_cutoff=n // 5) <= n // 5
+               for part in (word[:n], word[-n:]))
+
+
+def partial_word_overlap(ocr_texts: Sequence[str], caption: str, cutoff: float = PARTIAL_CUTOFF) -> float:
+    """Fraction (0..1) of the caption's content words found in the recognised text: as
+    :func:`content_word_overlap` finds them, or (4+ characters) by a partial match in the joined
+    text scoring >= ``cutoff``, or as a clipped piece (:func:`clipped_piece`)."""
+    from rapidfuzz import fuzz  # here: curation.ocr is also imported where only EasyOCR is needed
+    words = content_words(caption)
+    ocr_tokens = [t for s in ocr_texts for t in tokens(s)]
+    if not words or not ocr_tokens:
+        return 0.0
+    ocr_words, joined = set(ocr_tokens), "".join(ocr_tokens)
+
+    def found(w: str) -> bool:
+        if word_found(w, ocr_words, joined):
+            return True
+        if len(w) < 4:
+            return False
+        if len(joined) >= len(w) and fuzz.partial_ratio(w, joined, score_cutoff=cutoff):
+            return True
+        return any(clipped_piece(t, w) for t in ocr_words)
+
+    return sum(found(w) for w in words) / len(words)
+
+
 def fondant_overlap(ocr_texts: Sequence[str], caption: str) -> float:
     """Fondant's rule: 1.0 when any recognised word (lower-cased) occurs in the caption."""
     cap = (caption or "").lower()
@@ -108,6 +152,8 @@ class TextOverlapConfig:
     def score(self, ocr_texts: Sequence[str], caption: str) -> float:
         if self.measure == "fondant":
             return fondant_overlap(ocr_texts, caption)
+        if self.measure == "partial":
+            return partial_word_overlap(ocr_texts, caption)
         return content_word_overlap(ocr_texts, caption)
 
     def passes(self, score: float) -> bool:

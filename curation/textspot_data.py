@@ -130,11 +130,17 @@ def _wrap(words: list[str], font, max_width: int) -> list[str]:
     return lines + ([cur] if cur else [])
 
 
-def _draw_text(img: Image.Image, text: str, rng: random.Random) -> None:
+def _draw_text(img: Image.Image, text: str, rng: random.Random,
+               heights: tuple[int, int] | None = None, min_stroke: int = 0) -> None:
+    """Draw ``text`` wrapped, rotated and placed at random; ``heights``: the font size range in
+    divisions of the image height (default h/14 .. h/7)."""
     w, h = img.size
     text = rng.choice([text, text.upper(), text.title(), text.lower()])
     for _ in range(12):  # shrink until the wrapped block fits
-        size = rng.randint(max(16, h // 14), max(18, h // 7))
+        if heights is None:
+            size = rng.randint(max(16, h // 14), max(18, h // 7))
+        else:
+            size = rng.randint(max(12, h // heights[0]), max(14, h // heights[1]))
         font = _font(rng, size)
         lines = _wrap(text.split(), font, int(w * 0.9))
         tw = int(max(font.getlength(line) for line in lines)) + 8
@@ -146,7 +152,7 @@ def _draw_text(img: Image.Image, text: str, rng: random.Random) -> None:
     mean = sum(img.convert("L").resize((8, 8)).getdata()) / 64
     base = rng.randint(0, 60) if mean > 128 else rng.randint(200, 255)
     fill = tuple(min(255, max(0, base + rng.randint(-40, 40))) for _ in range(3)) + (255,)
-    stroke = rng.choice([0, 0, 1, 2])
+    stroke = max(min_stroke, rng.choice([0, 0, 1, 2]))
     stroke_fill = (255 - base,) * 3 + (255,)
     d = ImageDraw.Draw(layer)
     for i, line in enumerate(lines):
@@ -216,4 +222,64 @@ def text_image(text: str, size=(320, 240), seed: int = 0) -> bytes:
         _draw_text(img, text, rng)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+# --- real photos with real captions -----------------------------------------------------------
+
+def usable_caption(caption: str, min_words: int = 2, max_words: int = 14) -> bool:
+    """A caption that can be rendered legibly: printable ASCII, 2-14 content words."""
+    return (caption.isascii() and caption.isprintable()
+            and min_words <= len(content_words(caption)) <= max_words and len(caption) <= 120)
+
+
+def photo_background(photo: bytes, rng: random.Random) -> Image.Image:
+    """A real photo, randomly cropped (60-100% of each side) and resized so its longest side is
+    320-800 px, at the photo's aspect ratio (kept between 1:2 and 2:1)."""
+    img = Image.open(io.BytesIO(photo)).convert("RGB")
+    w, h = img.size
+    cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+    cw, ch = min(cw, 2 * ch), min(ch, 2 * cw)
+    x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    img = img.crop((x, y, x + cw, y + ch))
+    side = rng.randint(320, 800)
+    scale = side / max(cw, ch)
+    return img.resize((max(1, round(cw * scale)), max(1, round(ch * scale))), Image.Resampling.BICUBIC)
+
+
+def real_photo_set(photos: list[bytes], captions: list[str], n: int = 180,
+                   seed: int = 0) -> list[LabelledPair]:
+    """``n`` labelled pairs from real photos and real captions (kinds in equal shares, round
+    robin): each photo is cropped and resized (320-800 px), and the kind's text (the caption, a
+    run of it, one of its words, unrelated text or none) is drawn over it at a size between 1/24
+    and 1/6 of the image height, half the time with an outline. Deterministic for a seed and the
+    same inputs; the project ships no photos, callers bring them (benchmarks read
+    ``../shared/data`` when present)."""
+    rng = random.Random(seed)
+    usable = [c.strip() for c in captions if usable_caption(c.strip())]
+    if not photos or not usable:
+        raise ValueError("real_photo_set needs photos and usable captions")
+    out = []
+    for i in range(n):
+        kind = KINDS[i % len(KINDS)]
+        for _ in range(200):
+            caption = rng.choice(usable)
+            shown = _shown_text(kind, caption, rng)
+            if shown is not None:
+                break
+        else:
+            raise RuntimeError(f"no caption fits kind {kind}")
+        out.append(LabelledPair(f"r{i:05d}", caption, text_over_photo(rng.choice(photos), shown, rng),
+                                kind, shown, MUST_DROP[kind]))
+    return out
+
+
+def text_over_photo(photo: bytes, text: str, rng: random.Random) -> bytes:
+    """A JPEG of the photo (:func:`photo_background`) with ``text`` drawn over it ("" for none)
+    at 1/24 to 1/6 of its height, half the time with an outline."""
+    img = photo_background(photo, rng)
+    if text:
+        _draw_text(img, text, rng, heights=(24, 6), min_stroke=rng.choice([0, 1]))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=rng.randint(75, 95))
     return buf.getvalue()
