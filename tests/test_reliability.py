@@ -84,6 +84,9 @@ def test_hostile_input_every_sample_accounted_for(ray_session, tmp_path):
     assert "a_gif.png" in members and "a_gif.gif" not in members and meta["original_image_format"] == "gif"
     assert no_txt == hostile.ACTION  # the caption it was judged on, from the sidecar
     assert all(not n.startswith(("/", "..")) for n in members)
+    from curation.report import write_report
+
+    write_report(str(out), examples=100)  # every kept sample an example: the HTML caption is shown
     page = (out / "report.html").read_text()
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;" in page
 
