@@ -8,9 +8,13 @@ engine, in one process with ``--threads`` inference threads, through the same
 :class:`curation.ocr.TextSpotter` (same decoding, confidence floor and default overlap measure)
 and prints images/s, the speed ratio to EasyOCR, and precision/recall of the drop decision.
 
-RapidOCR is not a project dependency (its models ship inside its wheels, so it would work
-offline); install it into a scratch environment to run this, e.g.
-``pip install rapidocr_onnxruntime rapidocr onnxruntime``:
+These are the engines run as drop-ins, whole (RapidOCR's own pipeline: its detector at its default
+size, its recogniser, its text-direction classifier), measured 2026-11-23 under the
+``content_words`` rule. The ``ppocr`` backend (:mod:`curation.ocr_ppocr`, the default since
+2026-12-02) uses ``rapidocr_onnxruntime``'s models differently (detection at ``max_side``, no
+classifier, the ``partial`` rule); ``benchmarks/bench_text_spotting.py`` measures it.
+``rapidocr_onnxruntime`` is a project dependency; ``rapidocr`` 3.x is not
+(``pip install rapidocr`` to run it here):
 
 - ``rapidocr_v4``: ``rapidocr_onnxruntime`` (1.4: PP-OCRv4 mobile det/rec, ONNX Runtime)
 - ``rapidocr``: ``rapidocr`` (3.x: its default PP-OCR models shipped in the wheel, ONNX Runtime)
