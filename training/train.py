@@ -311,7 +311,10 @@ def train(cfg: dict, log=print) -> dict:
     storage = Storage.capture(cfg.get("storage_options")).apply()
     cfg = absolute_paths(cfg)
     init_ray(cfg.get("ray") or {}, storage=storage)
-    ray.data.DataContext.get_current().enable_progress_bars = bool(cfg.get("progress", False))
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = bool(cfg.get("progress", False))
+    # Ray Data logs the dataset's execution plan at the start of every epoch: only with progress on
+    data_context.print_on_execution_start = bool(cfg.get("progress", False))
     started = time.time()
     trainer, info = build_trainer(cfg, log=log, storage=storage)
     log(f"training {cfg['model']['arch']} ({cfg.get('recipe', 'clip')}) on {info['num_samples']} samples "
