@@ -93,9 +93,12 @@ def _stub_regex():
             p = p.replace(r"\p{L}", "a-zA-Z\u00c0-\u024f").replace(r"\p{N}", "0-9")
         return p
 
-    return {"compile": lambda p, flags=0: re.compile(tr(p), flags), "IGNORECASE": re.IGNORECASE,
-            "sub": lambda p, r, s, *a, **k: re.sub(tr(p), r, s, *a, **k),
-            "findall": lambda p, s, *a, **k: re.findall(tr(p), s, *a, **k), "escape": re.escape}
+    # everything ``re`` has (flags such as DOTALL, error, ...: transformers, when present, uses
+    # them at import), with the pattern functions translating the \p{..} classes first
+    names = {name: getattr(re, name) for name in dir(re) if not name.startswith("_")}
+    for fn in ("compile", "search", "match", "fullmatch", "split", "findall", "finditer", "sub", "subn"):
+        names[fn] = (lambda f: lambda p, *a, **k: f(tr(p), *a, **k))(getattr(re, fn))
+    return names
 
 
 def _label(array, structure=None):

@@ -24,7 +24,7 @@ SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 
 # What the GPU machine lacks (blocked) and what it gets from the bundle only (redirected).
 BLOCKED = ["ray", "spacy", "regex", "ftfy", "bidi", "scipy", "skimage", "easyocr_en_models",
-           "font_lato", "font_caladea", "pyclipper", "shapely"]
+           "font_lato", "font_caladea", "pyclipper", "shapely", "transformers", "rapidfuzz"]
 FROM_BUNDLE = ["open_clip", "open_clip_train", "easyocr"]
 
 RUNNER = textwrap.dedent("""
