@@ -206,8 +206,10 @@ class DebugHooks:
         raise RuntimeError(f"debug.pause_at_step={step}: nobody killed this worker in {self.pause_s:.0f}s")
 
 
-def run_eval(recipe, module: nn.Module, eval_cfg: dict, device, log=print) -> dict | None:
-    """``training.evaluate.run_evaluation`` on the recipe's embedder; None when unavailable."""
+def run_eval(recipe, module: nn.Module, eval_cfg: dict, device, log=None) -> dict | None:
+    """``training.evaluate.run_evaluation`` on the recipe's embedder; None when unavailable.
+    Its progress lines go to :func:`worker_print` (once each) unless ``log`` is given."""
+    log = log or worker_print
     try:
         from training.evaluate import run_evaluation
     except ImportError as exc:
