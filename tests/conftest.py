@@ -18,6 +18,17 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny models on a loaded 2-core machine run faster so."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def nlp():
     from curation.nlp import load_english

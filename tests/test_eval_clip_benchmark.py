@@ -106,14 +106,6 @@ def load_job():
     return job
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _numpy2_compatible_accuracy(monkeypatch):
     """clip_benchmark 1.6.2's ``accuracy`` calls ``float()`` on a shape-(1,) array, which NumPy >= 2.4
     refuses (TypeError). Its own code still runs: only while it runs, a shape-(1,) tensor's

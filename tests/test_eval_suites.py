@@ -8,7 +8,6 @@ import json
 import re
 
 import pytest
-import torch
 from test_eval_clip_benchmark import (ARCH, load_job, tiny_checkpoint, write_classification_wds,
                                       write_retrieval_wds)
 
@@ -18,14 +17,6 @@ from training.evaluate import format_suite, run_evaluation, suite_averages, summ
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 COCO_KEY = "retrieval/mscoco_2014_5k_test_image_text_retrieval"
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
