@@ -446,31 +446,34 @@ def settings_diff(recorded: dict, current: dict) -> list[str]:
             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-def guard_settings(out: OutputFolder, settings: dict, overwrite: bool, log=print) -> None:
+def guard_settings(out: OutputFolder, settings: dict, overwrite: bool, committed: set[str],
+                   log=print) -> set[str]:
     """Resume only into an output made with the same deciding settings.
 
     The first run records them in ``job_settings.json``. A re-run with other settings is refused
     (its kept samples would mix two selections and ``summary.json`` would name only the new
     one), unless ``overwrite=true``, which deletes what the job wrote and starts again.
+    ``committed`` is the output's committed shards, listed once by the caller; it is returned
+    as it stands after the check (empty after an overwrite).
     """
     recorded = out.read_json(SETTINGS_FILE)
-    if overwrite and (recorded is not None or out.committed()):
+    if overwrite and (recorded is not None or committed):
         log(f"overwrite=true: deleting the curated output in {out.url}")
         out.clear()
         out.prepare()
-        recorded = None
+        recorded, committed = None, set()
     if recorded is None:
-        if out.committed():
+        if committed:
             log(f"warning: {out.url} holds shards from a version that did not record its settings; "
                 "they are kept as they are")
         out.write_json(SETTINGS_FILE, settings)
-        return
+        return committed
     diff = settings_diff(recorded, settings)
     if not diff:
-        return
-    if not out.committed():  # nothing made with the old settings survives: record the new ones
+        return committed
+    if not committed:  # nothing made with the old settings survives: record the new ones
         out.write_json(SETTINGS_FILE, settings)
-        return
+        return committed
     raise SettingsError(
         f"{out.url} was made with other settings ({'; '.join(diff)}); resuming would mix two "
         "selections. Write to a new output folder, or pass overwrite=true to delete this one and "
@@ -509,9 +512,9 @@ def curate(cfg: dict, log=print) -> dict:
         out.write_json("_tmp/.write_check", {})  # fails now, not after the first shard, when read-only
     except (PermissionError, FileExistsError, NotADirectoryError, FileNotFoundError) as exc:
         raise SettingsError(f"cannot write the output to {cfg['output']}: {exc}") from None
-    guard_settings(out, deciding_settings(cfg, absolute(input_url)), bool(cfg.get("overwrite")), log)
+    done = guard_settings(out, deciding_settings(cfg, absolute(input_url)), bool(cfg.get("overwrite")),
+                          out.committed(), log)
     out.clean_tmp()
-    done = out.committed()
     pending = [s for s in shards if s.name not in done]
     log(f"{len(shards)} input shards in {input_url}: {len(shards) - len(pending)} already done, "
         f"{len(pending)} to process")
