@@ -1,6 +1,6 @@
 """Benchmark of the Text-spotting (T) stage: today's EasyOCR vs the new default, and the cascade.
 
-    python benchmarks/bench_text_spotting.py [--gen 150] [--real 180] [--mix 1000] [--cpus 2]
+    python benchmarks/bench_text_spotting.py [--gen 150] [--real 180] [--mix 5000] [--cpus 2]
                                              [--sweep] [--stage 0] [--labelled 0]
                                              [key.sub=value ...]   # curation config overrides
 
@@ -293,8 +293,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gen", type=int, default=150, help="generated labelled pairs (0: skip)")
     ap.add_argument("--real", type=int, default=180, help="real-photo labelled pairs (0: skip)")
-    ap.add_argument("--mix", type=int, default=1000,
-                    help="pairs for the whole-job run, real captions repeated as needed (0: skip)")
+    ap.add_argument("--mix", type=int, default=5000,
+                    help="pairs for the whole-job run, real captions repeated as needed (0: skip); "
+                         "5,000 so that Ray and actor start-up (~35-60 s) does not decide the ratio")
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--sweep", action="store_true", help="also the smaller sizes and PP-OCR + EasyOCR rec")
     ap.add_argument("--stage", type=int, default=0, help="images for the Ray stage vs raw loop (0: skip)")
