@@ -348,20 +348,33 @@ def build_dataset(pending: list[InputShard], cfg: dict, out_url: str, tracker,
                                 max_tasks_in_flight_per_actor=cs.get("tasks_in_flight_per_actor")),
                             num_cpus=cs["num_cpus"], num_gpus=cs.get("num_gpus", 0))
     if ts_cfg.enabled:
-        os_ = stages["ocr"]
-        gpus = float(os_.get("num_gpus") or 0)
-        threads = os_.get("torch_threads") or max(1, round(float(os_["num_cpus"])))
-        ds = ds.map_batches(TextSpottingStage,
-                            fn_constructor_kwargs={"ts_cfg": cfg["filters"]["text_spotting"],
-                                                   "max_pixels": opts.max_image_pixels,
-                                                   "gpu": gpus > 0, "torch_threads": threads,
-                                                   "ocr_batch_size": os_["ocr_batch_size"],
-                                                   "storage": storage},
-                            batch_size=ocr_rows_per_call(os_), batch_format="pyarrow",
-                            compute=ray.data.ActorPoolStrategy(
-                                size=ocr_actor_count(os_, reserved)),
-                            num_cpus=os_["num_cpus"], num_gpus=gpus)
-    ws = stages["write"]
+        ds = add_ocr_stage(ds, cfg, reserved, storage)
+    return add_write_stage(ds, cfg, out_url, tracker, storage)
+
+
+def add_ocr_stage(ds, cfg: dict, reserved: float, storage: Storage | None = None,
+                  stage=TextSpottingStage, **stage_kwargs):
+    """The OCR actor pool (``stages.ocr``) after ``ds``; ``stage`` is :class:`TextSpottingStage`
+    or a subclass that takes ``stage_kwargs`` too (the re-selection's)."""
+    import ray
+
+    os_ = cfg["stages"]["ocr"]
+    gpus = float(os_.get("num_gpus") or 0)
+    threads = os_.get("torch_threads") or max(1, round(float(os_["num_cpus"])))
+    return ds.map_batches(stage,
+                          fn_constructor_kwargs={"ts_cfg": cfg["filters"]["text_spotting"],
+                                                 "max_pixels": IngestOptions.from_config(cfg["ingest"]).max_image_pixels,
+                                                 "gpu": gpus > 0, "torch_threads": threads,
+                                                 "ocr_batch_size": os_["ocr_batch_size"],
+                                                 "storage": storage, **stage_kwargs},
+                          batch_size=ocr_rows_per_call(os_), batch_format="pyarrow",
+                          compute=ray.data.ActorPoolStrategy(size=ocr_actor_count(os_, reserved)),
+                          num_cpus=os_["num_cpus"], num_gpus=gpus)
+
+
+def add_write_stage(ds, cfg: dict, out_url: str, tracker, storage: Storage | None = None):
+    """The writer tasks (``stages.write``): parts, then each completed shard finalized."""
+    ws = cfg["stages"]["write"]
     return ds.map_batches(write_blocks, fn_kwargs={"out_url": out_url, "tracker": tracker,
                                                    "storage": storage},
                           batch_size=None, batch_format="pyarrow", num_cpus=ws["num_cpus"],
@@ -482,8 +495,6 @@ def guard_settings(out: OutputFolder, settings: dict, overwrite: bool, committed
 
 def curate(cfg: dict, log=print) -> dict:
     """Run the CAT filter job described by ``cfg``; returns the summary written to summary.json."""
-    import json
-
     import ray
 
     started = time.time()
@@ -503,15 +514,7 @@ def curate(cfg: dict, log=print) -> dict:
         shards = discover_shards(input_url, cfg.get("input_format", "auto"))
     except InputError as exc:
         raise SettingsError(str(exc)) from None
-    out_url = absolute(cfg["output"])  # workers may run in another directory
-    out = OutputFolder(out_url)
-    try:
-        if out.fs.isfile(out.root):
-            raise FileExistsError(f"{out_url} is a file, not a folder")
-        out.prepare()
-        out.write_json("_tmp/.write_check", {})  # fails now, not after the first shard, when read-only
-    except (PermissionError, FileExistsError, NotADirectoryError, FileNotFoundError) as exc:
-        raise SettingsError(f"cannot write the output to {cfg['output']}: {exc}") from None
+    out = prepare_output(cfg["output"])
     done = guard_settings(out, deciding_settings(cfg, absolute(input_url)), bool(cfg.get("overwrite")),
                           out.committed(), log)
     out.clean_tmp()
@@ -523,38 +526,59 @@ def curate(cfg: dict, log=print) -> dict:
     if pending:
         init_ray(cfg.get("ray", {}), storage)
         warn_local_paths_on_cluster({"input": input_url, "output": cfg["output"]}, log)
-        progress = ShardProgress(len(shards), len(shards) - len(pending))
         tracker = ray.remote(ShardTracker).options(num_cpus=0).remote()
         ds = build_dataset(pending, cfg, out.url, tracker, storage)
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for r in batch.to_pylist():  # one row per finalized shard
-                if r["error"]:
-                    failures[r["shard"]] = r["error"]
-                    log(f"shard {r['shard']}: FAILED to write: {r['error']}")
-                    continue
-                f = json.loads(r["summary"])["funnel"]
-                log(f"shard {r['shard']}: {f['input']} samples, {f['kept']} kept, "
-                    f"{f['evaluated'] - f['kept']} dropped, {f['errors']} errors, "
-                    f"{f['not_downloaded']} not downloaded  {progress.shard_done(f['input'])}")
-        committed_now = out.committed()
-        for name in ray.get(tracker.open_shards.remote()):
-            if name not in committed_now and name not in failures:
-                failures[name] = "pipeline ended before all of the shard's rows arrived"
-        for s in pending:
-            if s.name not in committed_now and s.name not in failures:
-                failures[s.name] = "no rows of the shard reached the writer"
-        ray.kill(tracker)
-        out.clean_tmp()  # every writer has finished: parts of failed shards are redone on re-run
+        failures = run_to_commit(ds, tracker, out, pending,
+                                 ShardProgress(len(shards), len(shards) - len(pending)), log)
+    return finish_job(out, cfg, input_url, len(shards), failures, started, log)
 
+
+def run_to_commit(ds, tracker, out: OutputFolder, pending: list[InputShard], progress: ShardProgress,
+                  log=print) -> dict[str, str]:
+    """Run the dataset (its last stage the writer) and log each shard as it commits; returns the
+    shards that failed (name -> why). Kills the tracker and clears ``_tmp/`` at the end."""
+    import json
+
+    import ray
+
+    failures = {}
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for r in batch.to_pylist():  # one row per finalized shard
+            if r["error"]:
+                failures[r["shard"]] = r["error"]
+                log(f"shard {r['shard']}: FAILED to write: {r['error']}")
+                continue
+            f = json.loads(r["summary"])["funnel"]
+            log(f"shard {r['shard']}: {f['input']} samples, {f['kept']} kept, "
+                f"{f['evaluated'] - f['kept']} dropped, {f['errors']} errors, "
+                f"{f['not_downloaded']} not downloaded  {progress.shard_done(f['input'])}")
+    committed_now = out.committed()
+    for name in ray.get(tracker.open_shards.remote()):
+        if name not in committed_now and name not in failures:
+            failures[name] = "pipeline ended before all of the shard's rows arrived"
+    for s in pending:
+        if s.name not in committed_now and s.name not in failures:
+            failures[s.name] = "no rows of the shard reached the writer"
+    ray.kill(tracker)
+    out.clean_tmp()  # every writer has finished: parts of failed shards are redone on re-run
+    return failures
+
+
+def finish_job(out: OutputFolder, cfg: dict, input_url: str, input_shards: int, failures: dict,
+               started: float, log=print, extra: dict | None = None) -> dict:
+    """Add up the committed shards' summaries into ``shards/sizes.json`` and ``summary.json``
+    (plus ``extra``), log the funnel, write the report; raise :class:`PipelineError` naming the
+    failed shards. Returns the summary."""
     committed = out.committed()
     total, sizes_, totals = aggregate(out, committed)
     summary = {
         "funnel": total,
-        "shards": {"input": len(shards), "committed": len(committed), "failed": failures},
+        "shards": {"input": input_shards, "committed": len(committed), "failed": failures},
         "bytes": totals,
         "input": input_url,
         "output": cfg["output"],
         "config": cfg,
+        **(extra or {}),
         "versions": versions(),
         "elapsed_s": round(time.time() - started, 2),
     }
@@ -572,6 +596,21 @@ def curate(cfg: dict, log=print) -> dict:
         raise PipelineError(f"{len(failures)} shard(s) failed and stay uncommitted; re-run to retry: "
                             + ", ".join(sorted(failures)))
     return summary
+
+
+def prepare_output(output: str) -> OutputFolder:
+    """The job's output folder, created, after a write check: a user mistake (a file, a
+    read-only place) is a :class:`SettingsError` now rather than a failure after the first shard."""
+    out_url = absolute(output)  # workers may run in another directory
+    out = OutputFolder(out_url)
+    try:
+        if out.fs.isfile(out.root):
+            raise FileExistsError(f"{out_url} is a file, not a folder")
+        out.prepare()
+        out.write_json("_tmp/.write_check", {})  # fails now, not after the first shard, when read-only
+    except (PermissionError, FileExistsError, NotADirectoryError, FileNotFoundError) as exc:
+        raise SettingsError(f"cannot write the output to {output}: {exc}") from None
+    return out
 
 
 def versions() -> dict:
