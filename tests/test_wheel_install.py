@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ("cat-filter", "cat-report", "cat-train", "cat-evaluate", "cat-label-concepts")
+COMMANDS = ("cat-filter", "cat-select", "cat-report", "cat-train", "cat-evaluate", "cat-label-concepts")
 
 
 def _run(cmd, **kw):
