@@ -61,7 +61,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from curation.caption_filters import CaptionFilterConfig, score_docs  # noqa: E402
-from curation.config import CONFIG_DIR, build_config  # noqa: E402
+from curation.common.config import CONFIG_DIR, build_config  # noqa: E402
 from curation.ingest import PENDING, ROW_SCHEMA, make_row  # noqa: E402
 
 CONFIG_FILE = CONFIG_DIR / "curation" / "cat_filter.yaml"
@@ -74,7 +74,7 @@ SAMPLE_EVERY_S = 0.2
 CURATE_CHILD = """
 import sys, time
 import ray
-from curation.config import CONFIG_DIR, build_config
+from curation.common.config import CONFIG_DIR, build_config
 from curation.pipeline import curate
 t0 = time.perf_counter()
 log = lambda msg: print(f"[t={time.perf_counter() - t0:.2f}] {msg}", flush=True)

@@ -149,7 +149,7 @@ def driver_cpu_per_sample(sizes: list[int]) -> list[dict]:
     """The real job on the demo at each size: the driver's CPU seconds during curate()."""
     import ray
 
-    from curation.config import CONFIG_DIR, build_config
+    from curation.common.config import CONFIG_DIR, build_config
     from curation.demo_data import build_demo_dataset
     from curation.pipeline import curate, init_ray
 

@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from curation import textspot_data  # noqa: E402
-from curation.config import CONFIG_DIR, build_config  # noqa: E402
+from curation.common.config import CONFIG_DIR, build_config  # noqa: E402
 from curation.images import decode_rgb  # noqa: E402
 from curation.ingest import PENDING, ROW_SCHEMA, make_row  # noqa: E402
 from curation.ocr import TextSpotter, TextSpottingConfig, set_torch_threads  # noqa: E402

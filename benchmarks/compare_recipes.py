@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from curation.config import CONFIG_DIR, build_config, parse_cli  # noqa: E402
+from curation.common.config import CONFIG_DIR, build_config, parse_cli  # noqa: E402
 
 DEFAULT_CONFIG = CONFIG_DIR / "experiments" / "compare_recipes.yaml"
 

@@ -260,7 +260,7 @@ def write_vocab(folder: Path, n_objects: int, n_attributes: int, top_k: int) -> 
 
 def recipe_config(recipe: str, args, concepts: str, precision: str, deterministic: bool = False) -> dict:
     """The recipe's training config (``configs/train``) with the check's model, batch, precision."""
-    from curation.config import apply_overrides
+    from curation.common.config import apply_overrides
     from training.recipe_improved import improved_config
     from training.train import default_config
 

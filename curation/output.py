@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from webdataset import TarWriter
 
 from curation.ingest import DROPPED, ERROR, KEPT, NOT_DOWNLOADED, PENDING, SHARD_END
-from curation.storage import is_remote
+from curation.common.storage import is_remote
 
 FILTERS = ("complexity", "action", "text_spotting")
 

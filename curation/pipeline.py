@@ -36,7 +36,7 @@ from curation.ingest import (ERROR, PENDING, SHARD_END, SHARD_FAILED, IngestOpti
 from curation.ocr import TextSpotter, TextSpottingConfig, set_torch_threads
 from curation.output import (EVALUATED, NOT_EVALUATED, OutputFolder, aggregate, finalize_shard,
                              format_funnel, write_part)
-from curation.storage import Storage, absolute, is_remote, ray_env_vars
+from curation.common.storage import Storage, absolute, is_remote, ray_env_vars
 
 
 class PipelineError(RuntimeError):
@@ -190,7 +190,7 @@ def init_ray(ray_cfg: dict, storage: Storage | None = None):
 
     A local Ray's workers get the driver's object-storage settings (``storage``) in their
     environment; on a cluster they come with the job's ``runtime_env`` and, in any case, with
-    every task as an argument (see :mod:`curation.storage`).
+    every task as an argument (see :mod:`curation.common.storage`).
     """
     import ray
 

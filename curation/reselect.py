@@ -51,7 +51,7 @@ from curation.output import EVALUATED, FILTERS, NOT_EVALUATED, STATS_SCHEMA, Out
 from curation.pipeline import (SETTINGS_FILE, SettingsError, ShardProgress, ShardTracker, TextSpottingStage,
                                add_ocr_stage, add_write_stage, deciding_settings, finish_job, guard_settings, init_ray,
                                prepare_output, run_to_commit, settings_diff, warn_local_paths_on_cluster)
-from curation.storage import Storage, absolute
+from curation.common.storage import Storage, absolute
 
 SCORE_FIELDS = ("complexity", "num_actions", "passed_complexity", "passed_action", "ocr_text", "ocr_boxes",
                 "text_overlap", "passed_text_spotting", "text_spotting_status", "ocr_engine", "ocr_side",
@@ -383,7 +383,7 @@ def build_select_config(from_url: str | None, user_file: str | None = None, over
     """cat_filter's config for a re-selection: its defaults, then what ``from`` was scored with
     (input, input format, ingest limits, filters, spaCy model), then the user's YAML and
     ``key=value`` overrides; ``from`` is set. Raises ``ConfigError`` / :class:`SettingsError`."""
-    from curation.config import CONFIG_DIR, apply_overrides, deep_merge, load_yaml
+    from curation.common.config import CONFIG_DIR, apply_overrides, deep_merge, load_yaml
 
     defaults = CONFIG_DIR / "curation" / "cat_filter.yaml"
     user = load_yaml(user_file) if user_file else {}

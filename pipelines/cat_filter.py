@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from curation.config import CONFIG_DIR, parse_cli  # noqa: E402
+from curation.common.config import CONFIG_DIR, parse_cli  # noqa: E402
 from curation.pipeline import PipelineError, SettingsError, curate  # noqa: E402
 
 

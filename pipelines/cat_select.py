@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from curation.config import ConfigError, user_error  # noqa: E402
+from curation.common.config import ConfigError, user_error  # noqa: E402
 from curation.pipeline import PipelineError, SettingsError  # noqa: E402
 from curation.reselect import build_select_config, select  # noqa: E402
 
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
 def _file_sets_output(path) -> bool:
     if not path:
         return False
-    from curation.config import load_yaml
+    from curation.common.config import load_yaml
 
     try:
         return bool(load_yaml(path).get("output"))

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from curation.config import CONFIG_DIR, ConfigError, build_config, user_error  # noqa: E402
+from curation.common.config import CONFIG_DIR, ConfigError, build_config, user_error  # noqa: E402
 
 DEFAULT = CONFIG_DIR / "eval" / "default.yaml"
 
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     if cfg.get("suite") and not _sets_datasets(args):
         cfg["datasets"] = []  # the suite alone, unless datasets were asked for as well
 
-    from curation.storage import Storage
+    from curation.common.storage import Storage
     from training.evaluate import format_results, run_evaluation
 
     Storage.capture(full.get("storage_options")).apply()  # AWS_* variables + storage_options for s3://
@@ -161,7 +161,7 @@ def _sets_datasets(args) -> bool:
     if any(o.split("=", 1)[0].strip() == "eval.datasets" for o in args.overrides):
         return True
     if args.config:
-        from curation.config import load_yaml
+        from curation.common.config import load_yaml
 
         return "datasets" in ((load_yaml(args.config) or {}).get("eval") or {})
     return False

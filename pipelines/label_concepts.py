@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fsspec  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from curation.config import CONFIG_DIR, parse_cli  # noqa: E402
+from curation.common.config import CONFIG_DIR, parse_cli  # noqa: E402
 from training import concepts as C  # noqa: E402
 
 DEFAULT_CONFIG = CONFIG_DIR / "concepts" / "label_concepts.yaml"
@@ -188,7 +188,7 @@ def label_concepts(cfg: dict, log=print) -> dict:
     import torch
 
     from curation.pipeline import init_ray, warn_local_paths_on_cluster
-    from curation.storage import Storage, absolute
+    from curation.common.storage import Storage, absolute
 
     started = time.time()
     if not cfg.get("input"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from curation.config import ConfigError
+from curation.common.config import ConfigError
 from training.augment import thesaurus as thesaurus_mod
 from training.augment.image import ImageViews, normalization
 from training.augment.text import (TextAugmenter, random_deletion, random_swap, remove_stopwords,

@@ -35,7 +35,7 @@ def one_thread():
 def _job():
     import importlib.util
 
-    from curation.config import REPO_ROOT
+    from curation.common.config import REPO_ROOT
 
     spec = importlib.util.spec_from_file_location("evaluate_job", REPO_ROOT / "pipelines" / "evaluate.py")
     job = importlib.util.module_from_spec(spec)

@@ -164,7 +164,7 @@ def test_two_worker_training_job_on_two_nodes_with_buckets(ray_session, cluster,
     the two nodes, checkpoints and logs written to the bucket."""
     from curation.demo_data import build_demo_dataset
     from curation.pipeline import curate
-    from curation.config import CONFIG_DIR, build_config
+    from curation.common.config import CONFIG_DIR, build_config
 
     curated = tmp_path / "curated"
     inp = build_demo_dataset(tmp_path / "in", num_samples=48, num_shards=2)

@@ -1,6 +1,6 @@
 import pytest
 
-from curation.config import CONFIG_DIR, ConfigError, apply_overrides, build_config
+from curation.common.config import CONFIG_DIR, ConfigError, apply_overrides, build_config
 
 DEFAULT = CONFIG_DIR / "curation" / "cat_filter.yaml"
 

@@ -325,7 +325,7 @@ def load_compare():
 
 
 def test_compare_recipes_config_entries_and_table():
-    from curation.config import build_config
+    from curation.common.config import build_config
 
     cr = load_compare()
     cfg = build_config(cr.DEFAULT_CONFIG)

@@ -98,7 +98,7 @@ def tiny_checkpoint(path, seed=0):
 
 
 def load_job():
-    from curation.config import REPO_ROOT
+    from curation.common.config import REPO_ROOT
 
     spec = importlib.util.spec_from_file_location("evaluate_job", REPO_ROOT / "pipelines" / "evaluate.py")
     job = importlib.util.module_from_spec(spec)

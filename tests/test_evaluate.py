@@ -246,7 +246,7 @@ TINY = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 
 
 
 def _load_job():
-    from curation.config import REPO_ROOT
+    from curation.common.config import REPO_ROOT
 
     spec = importlib.util.spec_from_file_location("evaluate_job", REPO_ROOT / "pipelines" / "evaluate.py")
     job = importlib.util.module_from_spec(spec)

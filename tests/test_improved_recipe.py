@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from curation.config import CONFIG_DIR, ConfigError, load_yaml
+from curation.common.config import CONFIG_DIR, ConfigError, load_yaml
 
 TRAIN_CONFIGS = CONFIG_DIR / "train"
 TINY = TRAIN_CONFIGS / "presets" / "tiny_cpu.yaml"
@@ -417,7 +417,7 @@ def test_ray_train_run_with_byolip_on_two_workers(ray_session, registered, tmp_p
     # the same numbers as the end-of-training evaluation (issue 13 item 5)
     import importlib.util
 
-    from curation.config import REPO_ROOT
+    from curation.common.config import REPO_ROOT
 
     spec = importlib.util.spec_from_file_location("evaluate_job", REPO_ROOT / "pipelines" / "evaluate.py")
     job = importlib.util.module_from_spec(spec)

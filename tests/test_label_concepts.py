@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from webdataset import TarWriter
 
-from curation.config import CONFIG_DIR, build_config
+from curation.common.config import CONFIG_DIR, build_config
 from training import concepts as C
 
 REPO = Path(__file__).resolve().parents[1]

@@ -91,7 +91,7 @@ def improved_wrapper(mlp_layers: int = 1):
 
 
 def recipe_cfg(name: str, vocab_dir: str | None = None) -> dict:
-    from curation.config import apply_overrides
+    from curation.common.config import apply_overrides
     from training.train import default_config
 
     if name == "clip":
@@ -168,7 +168,7 @@ def _decisions(rank: int) -> dict:
     out["true_sync_bns"] = sum(isinstance(m, nn.SyncBatchNorm) for m in converted.modules())
     out["true_plain_bns"] = sum(type(m) is nn.BatchNorm1d for m in converted.modules())
     # the recipe's loss: SiamLIP's projector BatchNorms follow model.sync_bn
-    from curation.config import apply_overrides
+    from curation.common.config import apply_overrides
     from training.train import default_config
 
     for mode in ("auto", "true"):

@@ -58,7 +58,7 @@ def test_partial_measure_in_config():
 # --- engine selection -----------------------------------------------------------------------------
 
 def test_default_engine_and_the_old_one_a_value_away():
-    from curation.config import CONFIG_DIR, build_config
+    from curation.common.config import CONFIG_DIR, build_config
 
     ts = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml")["filters"]["text_spotting"]
     new = TextSpottingConfig.from_config(ts)

@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from curation.config import CONFIG_DIR, build_config
+from curation.common.config import CONFIG_DIR, build_config
 from curation.demo_data import build_demo_dataset
 from curation.pipeline import curate
 

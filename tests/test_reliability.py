@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from curation.config import CONFIG_DIR, build_config
+from curation.common.config import CONFIG_DIR, build_config
 from curation.demo_data import build_demo_dataset
 from curation.pipeline import PipelineError, curate
 

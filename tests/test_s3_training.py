@@ -35,7 +35,7 @@ def fresh_fsspec_conf(monkeypatch):
 
 
 def test_fsspec_options_from_env_and_storage_options():
-    from curation.storage import Storage
+    from curation.common.storage import Storage
     from training.data import fsspec_options
 
     storage = Storage(env={"AWS_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_ACCESS_KEY_ID": "k",

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.caption_filters import CaptionScores
-from curation.config import CONFIG_DIR, build_config
+from curation.common.config import CONFIG_DIR, build_config
 from curation.demo_data import build_demo_dataset
 from curation.ingest import PENDING
 from curation.pipeline import SettingsError, curate

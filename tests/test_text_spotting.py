@@ -154,7 +154,7 @@ def test_rows_without_text_stage_are_marked_off():
 
 
 def test_ocr_rows_per_call_defaults_by_device():
-    from curation.config import CONFIG_DIR, build_config
+    from curation.common.config import CONFIG_DIR, build_config
 
     ocr = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml", overrides=[])["stages"]["ocr"]
     assert ocr["batch_size"] is None and ocr_rows_per_call(ocr) == 4       # CPU: even tails
@@ -212,7 +212,7 @@ def _precision_recall(results, pairs):
 def test_labelled_set_precision_recall_with_the_default_engine():
     """The default T stage (PP-OCR + partial rule, from the YAML) on 100 generated pairs; the
     benchmark measures both labelled sets in full."""
-    from curation.config import CONFIG_DIR, build_config
+    from curation.common.config import CONFIG_DIR, build_config
 
     defaults = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml")
     cfg = TextSpottingConfig.from_config(defaults["filters"]["text_spotting"])
@@ -225,7 +225,7 @@ def test_labelled_set_precision_recall_with_the_default_engine():
 def test_the_old_easyocr_behaviour_is_one_value_away():
     """backend=easyocr alone: EasyOCR (offline weights) with the content_words rule, on one pair of
     each kind."""
-    from curation.config import CONFIG_DIR, build_config
+    from curation.common.config import CONFIG_DIR, build_config
     from curation.ocr import EasyOCRBackend, set_torch_threads
 
     set_torch_threads(2)

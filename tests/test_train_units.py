@@ -247,7 +247,7 @@ def test_resolve_shards_folder_pattern_and_errors(tmp_path):
 
 
 def test_plan_batches_and_config_errors():
-    from curation.config import ConfigError
+    from curation.common.config import ConfigError
     from training.recipes import get_recipe
     from training.train import TrainError, build_train_config, plan_batches
 

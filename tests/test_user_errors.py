@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation.config import CONFIG_DIR, build_config
+from curation.common.config import CONFIG_DIR, build_config
 from curation.demo_data import build_demo_dataset
 from curation.pipeline import PipelineError, SettingsError, curate
 
@@ -143,7 +143,7 @@ def test_output_that_is_a_file_is_one_line(small_input, tmp_path):
 
 
 def test_config_types_and_scientific_notation():
-    from curation.config import ConfigError
+    from curation.common.config import ConfigError
 
     cfg = build_config(CONFIG_DIR / "train" / "clip.yaml", overrides=["train.lr=1e-3", "train.epochs=0.5"])
     assert cfg["train"]["lr"] == 0.001 and cfg["train"]["epochs"] == 0.5  # YAML reads 1e-3 as a string

@@ -45,7 +45,7 @@ def installed(tmp_path_factory):
 def test_the_wheel_holds_the_code_configs_and_commands(installed, tmp_path):
     venv, site, env = installed
     where = _run([str(venv / "bin" / "python"), "-c",
-                  "import curation, training.train, pipelines.cat_filter as p; from curation.config import CONFIG_DIR;"
+                  "import curation, training.train, pipelines.cat_filter as p; from curation.common.config import CONFIG_DIR;"
                   "print(curation.__file__); print(CONFIG_DIR)"], cwd=tmp_path, env=env)
     assert where.returncode == 0, where.stderr[-2000:]
     module_file, config_dir = where.stdout.split()

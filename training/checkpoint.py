@@ -30,7 +30,7 @@ A checkpoint directory (what ``ray.train.report`` persists) holds
 Everything is read with ``torch.load(..., weights_only=True)``: a file that needs arbitrary
 objects unpickled is refused (:class:`UnsafeCheckpointError`), never executed. Paths may be
 local or any fsspec URL (``s3://...``, with the AWS variables / ``storage_options`` applied by
-:class:`curation.storage.Storage`).
+:class:`curation.common.storage.Storage`).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _fs(url: str | os.PathLike):
 
 
 def join(url: str | os.PathLike, name: str) -> str:
-    from curation.storage import url_join
+    from curation.common.storage import url_join
 
     return url_join(str(url), name)
 
@@ -194,7 +194,7 @@ def mark_complete(run_url: str, step: int, epoch: int, storage=None) -> str:
 def newest_complete(run_url: str, storage=None) -> tuple[str, int] | None:
     """``(folder URL, step)`` of the newest checkpoint under ``run_url`` whose marker exists, or
     None. One listing of the run folder: a run keeps ``run.num_to_keep`` checkpoints."""
-    from curation.storage import is_remote
+    from curation.common.storage import is_remote
     from training.data import url_to_fs
 
     fs, path = url_to_fs(run_url, storage)
@@ -266,7 +266,7 @@ def open_clip_arch(file: str, arch: str | None = None) -> str:
     """The architecture of an ``open_clip.pt`` (path or URL): ``arch`` if given, else its
     folder's ``meta.json`` (registering a saved model config next to it), else the file's
     ``name``."""
-    from curation.storage import is_remote
+    from curation.common.storage import is_remote
 
     folder = file.rsplit("/", 1)[0] if (is_remote(file) or "/" in file) else "."
     meta_url = join(folder, META_FILE)

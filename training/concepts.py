@@ -695,7 +695,7 @@ def padded_targets(ids: Sequence[Sequence[int]], probs: Sequence[Sequence[float]
 # subsample keeps its image, is embedded and reaches the driver (the classifiers' fit sample).
 # Pass 2 (one streaming pass): each call of :class:`LabelShardStage` reads one curated shard,
 # embeds and predicts it and writes that shard's label file itself; only a per-shard summary row
-# comes back. ``storage`` arguments are :class:`curation.storage.Storage` values (applied first).
+# comes back. ``storage`` arguments are :class:`curation.common.storage.Storage` values (applied first).
 
 COUNTS_KEY = "__concept_counts__"
 FIT_SCHEMA = pa.schema([

@@ -43,11 +43,11 @@ def _expand_braces(pattern: str) -> list[str]:
 
 def fsspec_options(url: str, storage=None) -> dict:
     """Explicit fsspec options for ``url``: for ``s3://``, the AWS variables captured in
-    ``storage`` (a :class:`curation.storage.Storage`: endpoint, key, secret, token, region) under
+    ``storage`` (a :class:`curation.common.storage.Storage`: endpoint, key, secret, token, region) under
     its ``storage_options``. A filesystem built with them carries its settings when pickled into
     Ray tasks (Ray Data read tasks, checkpoint uploads), whose processes may not have the
     driver's environment."""
-    from curation.storage import OBJECT_STORE_PROTOCOLS, is_remote
+    from curation.common.storage import OBJECT_STORE_PROTOCOLS, is_remote
 
     if storage is None or not is_remote(url) or url.split("://", 1)[0] not in OBJECT_STORE_PROTOCOLS:
         return {}
@@ -277,7 +277,7 @@ class ClipSampleTransform:
 
 class WithStorage:
     """A batch function that first makes its process open URLs as the driver does
-    (:meth:`curation.storage.Storage.apply`, cheap after the first call)."""
+    (:meth:`curation.common.storage.Storage.apply`, cheap after the first call)."""
 
     def __init__(self, fn: Callable, storage):
         self.fn, self.storage = fn, storage

@@ -211,7 +211,7 @@ SUITE_TASK_TYPES = ("zeroshot_classification", "zeroshot_retrieval", "winogavil"
 
 
 def suites_dir():
-    from curation.config import CONFIG_DIR
+    from curation.common.config import CONFIG_DIR
 
     return CONFIG_DIR / "eval" / "suites"
 

@@ -71,7 +71,7 @@ class MetricsLogger:
         self.sync_every_s, self.last_sync = sync_every_s, time.time()
         if not self.enabled:
             return
-        from curation.storage import is_remote
+        from curation.common.storage import is_remote
 
         local = log_dir
         if is_remote(log_dir):
@@ -161,7 +161,7 @@ class DebugHooks:
     """
 
     def __init__(self, dcfg: dict, rank: int, log_dir: str | None = None):
-        from curation.storage import is_remote
+        from curation.common.storage import is_remote
 
         self.dir = dcfg.get("dir") or (log_dir if log_dir and not is_remote(log_dir) else None)
         self.rank = rank

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curation.config import CONFIG_DIR  # noqa: E402
+from curation.common.config import CONFIG_DIR  # noqa: E402
 
 MODEL_CONFIG_DIR = CONFIG_DIR / "models"
 MAX_LOGIT_SCALE = 100.0

@@ -75,7 +75,7 @@ def improved_config(*files, overrides=()) -> dict:
     strictly: unknown keys are errors), then ``key=value`` overrides; e.g.
     ``improved_config("configs/train/improved_barlip.yaml", "configs/train/presets/tiny_cpu.yaml")``.
     """
-    from curation.config import apply_overrides, deep_merge, load_yaml
+    from curation.common.config import apply_overrides, deep_merge, load_yaml
     from training.train import default_config
 
     cfg = default_config("improved")

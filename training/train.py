@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from curation.config import (CONFIG_DIR, ConfigError, apply_overrides, deep_merge, user_error,  # noqa: E402
+from curation.common.config import (CONFIG_DIR, ConfigError, apply_overrides, deep_merge, user_error,  # noqa: E402
                              load_yaml, parse_override)
 
 DEFAULT_CONFIG = CONFIG_DIR / "train" / "clip.yaml"
@@ -130,7 +130,7 @@ def ensure_demo_data(cfg: dict, log=print) -> str:
             log(f"note: {out} was curated from a {have}-pair demo, not data.demo_samples={want}; "
                 f"delete it (or set data.demo_output) to curate the larger demo")
         return out
-    from curation.config import build_config
+    from curation.common.config import build_config
     from curation.pipeline import curate
 
     overrides = demo_curation_overrides(cfg)
@@ -152,7 +152,7 @@ def resolve_use_gpu(value) -> bool:
 
 
 def storage_and_name(cfg: dict) -> tuple[str, str]:
-    from curation.storage import absolute
+    from curation.common.storage import absolute
 
     storage = absolute(cfg["run"]["storage_path"]).rstrip("/")
     name = cfg["run"]["name"] or f"{cfg.get('recipe', 'clip')}-{cfg['model']['arch']}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -162,7 +162,7 @@ def storage_and_name(cfg: dict) -> tuple[str, str]:
 def log_dir_for(cfg: dict, storage: str, name: str) -> str:
     """``run.log_dir``, else ``<run.storage_path>/<name>``: a local folder or a URL (the logs
     then go to the bucket next to the checkpoints, see :class:`training.loop.MetricsLogger`)."""
-    from curation.storage import absolute, url_join
+    from curation.common.storage import absolute, url_join
 
     if cfg["run"].get("log_dir"):
         return absolute(cfg["run"]["log_dir"])
@@ -174,7 +174,7 @@ def ray_train_storage(storage_path: str, storage) -> tuple[str, object | None]:
     path in an explicit pyarrow filesystem over s3fs built with the captured settings
     (endpoint, credentials, ``storage_options``), so checkpoints work against any S3-compatible
     endpoint and the filesystem carries its settings to every worker."""
-    from curation.storage import is_remote
+    from curation.common.storage import is_remote
     from training.data import pyarrow_filesystem, url_to_fs
 
     if not is_remote(storage_path):
@@ -204,11 +204,11 @@ def read_text(url: str, storage=None) -> str | None:
 
 def build_trainer(cfg: dict, log=print, storage=None):
     """Everything up to ``TorchTrainer``; returns ``(trainer, info)``. ``storage``: the
-    :class:`curation.storage.Storage` captured on the driver (every worker applies it)."""
+    :class:`curation.common.storage.Storage` captured on the driver (every worker applies it)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from curation.storage import Storage, absolute, url_join
+    from curation.common.storage import Storage, absolute, url_join
 
     from training.data import build_dataset, count_samples, resolve_shards, start_error_counter
     from training.loop import train_loop_per_worker
@@ -285,7 +285,7 @@ def absolute_paths(cfg: dict) -> dict:
     directory (``os.getcwd()`` fails; relative paths no longer resolve)."""
     import copy
 
-    from curation.storage import absolute
+    from curation.common.storage import absolute
 
     cfg = copy.deepcopy(cfg)
     for section, key in (("data", "demo_output"), ("run", "storage_path"), ("run", "log_dir"),
@@ -306,7 +306,7 @@ def train(cfg: dict, log=print) -> dict:
     import ray
 
     from curation.pipeline import init_ray
-    from curation.storage import Storage, is_remote
+    from curation.common.storage import Storage, is_remote
 
     storage = Storage.capture(cfg.get("storage_options")).apply()
     cfg = absolute_paths(cfg)

@@ -21,7 +21,7 @@ from typing import Mapping
 
 import torch
 
-from curation.config import CONFIG_DIR
+from curation.common.config import CONFIG_DIR
 from training.augment.image import ImageViews
 from training.augment.text import TextAugmenter
 
@@ -32,8 +32,8 @@ DEFAULTS_FILE = CONFIG_DIR / "train" / "augment_defaults.yaml"
 
 def views_config(cfg: Mapping | None = None) -> dict:
     """The ``views`` defaults with ``cfg`` (a ``views`` section, or a whole config holding one)
-    merged over them; unknown keys raise ``curation.config.ConfigError``."""
-    from curation.config import deep_merge, load_yaml
+    merged over them; unknown keys raise ``curation.common.config.ConfigError``."""
+    from curation.common.config import deep_merge, load_yaml
 
     defaults = load_yaml(DEFAULTS_FILE)["views"]
     cfg = dict(cfg or {})
