@@ -151,7 +151,8 @@ def driver_cpu_per_sample(sizes: list[int]) -> list[dict]:
 
     from curation.common.config import CONFIG_DIR, build_config
     from curation.demo_data import build_demo_dataset
-    from curation.pipeline import curate, init_ray
+    from curation.common.jobs import init_ray
+    from curation.pipeline import curate
 
     init_ray({"num_cpus": 2})
     ray.data.DataContext.get_current().enable_progress_bars = False

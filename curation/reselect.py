@@ -49,8 +49,9 @@ from curation.ingest import (ERROR, PENDING, ROW_SCHEMA, SHARD_END, SHARD_FAILED
 from curation.ocr import TextSpottingConfig
 from curation.output import EVALUATED, FILTERS, NOT_EVALUATED, STATS_SCHEMA, OutputFolder
 from curation.pipeline import (SETTINGS_FILE, SettingsError, ShardProgress, ShardTracker, TextSpottingStage,
-                               add_ocr_stage, add_write_stage, deciding_settings, finish_job, guard_settings, init_ray,
-                               prepare_output, run_to_commit, settings_diff, warn_local_paths_on_cluster)
+                               add_ocr_stage, add_write_stage, deciding_settings, finish_job, guard_settings,
+                               prepare_output, run_to_commit, settings_diff)
+from curation.common.jobs import init_ray, warn_local_paths_on_cluster
 from curation.common.storage import Storage, absolute
 
 SCORE_FIELDS = ("complexity", "num_actions", "passed_complexity", "passed_action", "ocr_text", "ocr_boxes",

@@ -187,7 +187,7 @@ def label_concepts(cfg: dict, log=print) -> dict:
     import ray
     import torch
 
-    from curation.pipeline import init_ray, warn_local_paths_on_cluster
+    from curation.common.jobs import init_ray, warn_local_paths_on_cluster
     from curation.common.storage import Storage, absolute
 
     started = time.time()

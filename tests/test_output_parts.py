@@ -8,10 +8,11 @@ import tarfile
 import pyarrow as pa
 import pytest
 
+from curation.common.jobs import local_path_warning
 from curation.ingest import ROW_SCHEMA, IngestOptions, InputShard, read_shard
 from curation.output import (OutputFolder, aggregate, decide, finalize_shard, funnel, write_part,
                              write_shard)
-from curation.pipeline import ShardTracker, local_path_warning
+from curation.pipeline import ShardTracker
 from curation.report import INT_CAPS, OVERLAP_BINS, float_histogram, int_histogram, stats_aggregates
 
 from helpers import jpeg, noisy_jpeg, write_wds_shard

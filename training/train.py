@@ -240,7 +240,7 @@ def build_trainer(cfg: dict, log=print, storage=None):
     resources.update(sc.get("extra_resources") or {})
     storage, name = storage_and_name(cfg)
     log_dir = log_dir_for(cfg, storage, name)
-    from curation.pipeline import warn_local_paths_on_cluster
+    from curation.common.jobs import warn_local_paths_on_cluster
 
     first = data_cfg["train"][0] if isinstance(data_cfg["train"], (list, tuple)) else data_cfg["train"]
     warn_local_paths_on_cluster({"data.train": first, "run.storage_path": storage, "run.log_dir": log_dir},
@@ -305,7 +305,7 @@ def train(cfg: dict, log=print) -> dict:
     """Run the training job; returns a summary (checkpoint path, metrics, eval, skipped samples)."""
     import ray
 
-    from curation.pipeline import init_ray
+    from curation.common.jobs import init_ray
     from curation.common.storage import Storage, is_remote
 
     storage = Storage.capture(cfg.get("storage_options")).apply()
