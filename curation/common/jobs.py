@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import platform
 
+from curation.common.quiet import WORKER_SETUP_HOOK, quiet_known_noise
 from curation.common.storage import Storage, is_remote, ray_env_vars
 
 
@@ -22,10 +23,16 @@ def init_ray(ray_cfg: dict, storage: Storage | None = None):
     """
     import ray
 
+    quiet_known_noise()
     if ray.is_initialized():
         return
     address = ray_cfg.get("address") or os.environ.get("RAY_ADDRESS") or "local"
     kwargs = {"address": address, "log_to_driver": True}
+    runtime_env = {}
+    # every worker of the job filters the same known-harmless noise as the driver, unless the
+    # job submitted has a setup hook of its own (ray.init may not override it)
+    if "worker_process_setup_hook" not in os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", ""):
+        runtime_env["worker_process_setup_hook"] = WORKER_SETUP_HOOK
     if address == "local":
         if ray_cfg.get("num_cpus"):
             kwargs["num_cpus"] = int(ray_cfg["num_cpus"])
@@ -33,7 +40,9 @@ def init_ray(ray_cfg: dict, storage: Storage | None = None):
         kwargs["include_dashboard"] = bool(ray_cfg.get("dashboard", False))
         env = ray_env_vars(storage) if storage is not None else {}
         if env:
-            kwargs["runtime_env"] = {"env_vars": env}
+            runtime_env["env_vars"] = env
+    if runtime_env:
+        kwargs["runtime_env"] = runtime_env
     ray.init(**kwargs)
 
 
