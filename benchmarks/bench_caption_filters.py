@@ -114,7 +114,7 @@ def checksum(complexity, num_actions, passed_c, passed_a) -> tuple[int, int, int
 
 def load_scorer(cfg: dict):
     """The pipeline's spaCy model with the components its filters need, and its settings."""
-    from curation.nlp import load_english
+    from curation.common.nlp import load_english
 
     cap_cfg = CaptionFilterConfig.from_config(cfg["filters"])
     batch_size = int(cfg["spacy"]["batch_size"])

@@ -11,41 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
+from curation.common.nlp import ATTRIBUTE_DEPS, is_object, subjects, with_conjuncts
+
 COMPLEXITY_MEASURES = ("scene_graph", "max_children", "entity_edges")
 ACTION_MEASURES = ("verb", "nsubj_verb")
 
 # --- Complexity -----------------------------------------------------------------------------
 
-OBJECT_POS = {"NOUN", "PROPN"}
-ATTRIBUTE_DEPS = {"amod", "nummod"}
 PREP_DEPS = {"prep", "agent", "dative"}
-SUBJECT_DEPS = {"nsubj", "nsubjpass"}
 OBJECT_DEPS = {"dobj", "obj", "attr", "oprd"}
-
-
-def _is_object(tok) -> bool:
-    # A compound modifier ("tennis" in "tennis ball") is part of its head's noun phrase.
-    return tok.pos_ in OBJECT_POS and tok.dep_ != "compound"
-
-
-def _with_conjuncts(toks) -> list:
-    out = []
-    for tok in toks:
-        out.append(tok)
-        out.extend(c for c in tok.conjuncts if c.i > tok.i)
-    return [t for t in dict.fromkeys(out) if _is_object(t)]
-
-
-def _subjects(pred) -> list:
-    """The objects a predicate (verb, aux, preposition host) is said of."""
-    subj = [c for c in pred.children if c.dep_ in SUBJECT_DEPS]
-    if not subj and pred.dep_ in ("acl", "relcl") and _is_object(pred.head):
-        subj = [pred.head]
-    if not subj and pred.dep_ in ("conj", "advcl", "xcomp") and pred.head is not pred:
-        # "a man running and jumping", "a woman smiling while sitting": the head's subject
-        return _subjects(pred.head)
-    return _with_conjuncts(subj)
-
 
 def scene_graph_edges(doc) -> dict:
     """Edges (attributes + relations) attached to each object node of the caption's scene graph.
@@ -56,7 +30,7 @@ def scene_graph_edges(doc) -> dict:
     or a verb with a subject and an object ("a man riding a horse"); a relation adds one edge to
     each of its two objects.
     """
-    edges = {tok.i: 0 for tok in doc if _is_object(tok)}
+    edges = {tok.i: 0 for tok in doc if is_object(tok)}
 
     def add(a, b=None):
         if a.i in edges:
@@ -70,18 +44,18 @@ def scene_graph_edges(doc) -> dict:
                 if child.dep_ in ATTRIBUTE_DEPS:
                     add(tok)
         if tok.dep_ == "acomp" and tok.pos_ == "ADJ":
-            for subj in _subjects(tok.head):
+            for subj in subjects(tok.head):
                 add(subj)
         if tok.dep_ in PREP_DEPS:
-            targets = _with_conjuncts(c for c in tok.children if c.dep_ == "pobj")
+            targets = with_conjuncts(c for c in tok.children if c.dep_ == "pobj")
             host = tok.head
-            sources = [host] if _is_object(host) else _subjects(host)
+            sources = [host] if is_object(host) else subjects(host)
             for a in sources:
                 for b in targets:
                     add(a, b)
         if tok.pos_ == "VERB":
-            objs = _with_conjuncts(c for c in tok.children if c.dep_ in OBJECT_DEPS)
-            for a in _subjects(tok):
+            objs = with_conjuncts(c for c in tok.children if c.dep_ in OBJECT_DEPS)
+            for a in subjects(tok):
                 for b in objs:
                     add(a, b)
     return edges
@@ -244,7 +218,7 @@ class CaptionScorer:
 
     def __init__(self, cfg: CaptionFilterConfig, model: str = "en_core_web_sm",
                  batch_size: int = 256, nlp=None):
-        from curation.nlp import load_english
+        from curation.common.nlp import load_english
 
         self.cfg = cfg
         self.batch_size = batch_size

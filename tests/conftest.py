@@ -31,7 +31,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def nlp():
-    from curation.nlp import load_english
+    from curation.common.nlp import load_english
 
     return load_english()
 

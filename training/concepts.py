@@ -3,8 +3,8 @@
 Stage 1 of the distillation, computed once and offline:
 
 1. parse each caption into *objects* (noun-phrase heads) and *attributes* (adjective and number
-   modifiers of an object, predicate adjectives) with the curation's scene-graph parser
-   (:mod:`curation.caption_filters`), as lemmatised lowercase names;
+   modifiers of an object, predicate adjectives) with the definitions of the curation's
+   scene-graph parser (:mod:`curation.common.nlp`), as lemmatised lowercase names;
 2. build the object and attribute vocabularies (the most frequent names, by the number of
    captions that mention them, above a minimum count);
 3. embed every image with a frozen teacher (an open_clip model from a local checkpoint, or a
@@ -34,7 +34,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from curation.caption_filters import ATTRIBUTE_DEPS, _is_object, _subjects
+from curation.common.nlp import ATTRIBUTE_DEPS, is_object, subjects
 
 # spaCy components the concept parser reads: POS, dependencies and lemmas.
 CONCEPT_COMPONENTS = ("tok2vec", "tagger", "attribute_ruler", "parser", "lemmatizer")
@@ -62,10 +62,10 @@ def caption_concepts(doc) -> tuple[list[str], list[str]]:
     objects: list[str] = []
     attributes: list[str] = []
     for tok in doc:
-        if _is_object(tok):
+        if is_object(tok):
             objects.append(concept_name(tok))
             attributes.extend(concept_name(c) for c in tok.children if c.dep_ in ATTRIBUTE_DEPS)
-        if tok.dep_ == "acomp" and tok.pos_ == "ADJ" and _subjects(tok.head):
+        if tok.dep_ == "acomp" and tok.pos_ == "ADJ" and subjects(tok.head):
             attributes.append(concept_name(tok))
     uniq = lambda names: [n for n in dict.fromkeys(names) if _valid(n)]  # noqa: E731
     return uniq(objects), uniq(attributes)
@@ -80,7 +80,7 @@ class ConceptParser:
     """Parses lists of captions with one spaCy pipeline, loaded once (with the lemmatizer)."""
 
     def __init__(self, model: str = "en_core_web_sm", batch_size: int = 256, nlp=None):
-        from curation.nlp import load_english
+        from curation.common.nlp import load_english
 
         self.batch_size = int(batch_size)
         self.nlp = nlp if nlp is not None else load_english(model, CONCEPT_COMPONENTS)

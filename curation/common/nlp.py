@@ -1,4 +1,7 @@
-"""Loading the spaCy English pipeline offline, with only the components a job needs."""
+"""The spaCy English pipeline, loaded offline with only the components a job needs, and the
+caption-parse definitions that curation's C filter (:func:`curation.caption_filters.scene_graph_edges`)
+and DiHT's concept labels (:func:`training.concepts.caption_concepts`) share: what an object, an
+attribute and a predicate's subject are in a parsed caption."""
 
 from __future__ import annotations
 
@@ -53,3 +56,36 @@ def model_info(nlp) -> dict:
         "spacy_version": meta.get("spacy_version"),
         "components": list(nlp.pipe_names),
     }
+
+
+# --- caption-parse definitions ---------------------------------------------------------------
+
+OBJECT_POS = {"NOUN", "PROPN"}
+ATTRIBUTE_DEPS = {"amod", "nummod"}  # adjective and number modifiers of an object
+SUBJECT_DEPS = {"nsubj", "nsubjpass"}
+
+
+def is_object(tok) -> bool:
+    """A noun-phrase head: a NOUN/PROPN that is not a compound modifier ("tennis" in "tennis
+    ball" is part of its head's noun phrase)."""
+    return tok.pos_ in OBJECT_POS and tok.dep_ != "compound"
+
+
+def with_conjuncts(toks) -> list:
+    """The objects among ``toks`` and their later conjuncts ("a dog and a cat"), each once."""
+    out = []
+    for tok in toks:
+        out.append(tok)
+        out.extend(c for c in tok.conjuncts if c.i > tok.i)
+    return [t for t in dict.fromkeys(out) if is_object(t)]
+
+
+def subjects(pred) -> list:
+    """The objects a predicate (verb, aux, preposition host) is said of."""
+    subj = [c for c in pred.children if c.dep_ in SUBJECT_DEPS]
+    if not subj and pred.dep_ in ("acl", "relcl") and is_object(pred.head):
+        subj = [pred.head]
+    if not subj and pred.dep_ in ("conj", "advcl", "xcomp") and pred.head is not pred:
+        # "a man running and jumping", "a woman smiling while sitting": the head's subject
+        return subjects(pred.head)
+    return with_conjuncts(subj)
