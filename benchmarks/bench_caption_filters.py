@@ -280,7 +280,7 @@ def sample_jpeg(side: int) -> bytes:
 def write_webdataset(folder: Path, captions: list[str], num_samples: int, shard_size: int,
                      image: bytes) -> int:
     """img2dataset ``--output_format webdataset`` output: NNNNN.tar + .parquet + _stats.json."""
-    from curation.demo_data import SIDECAR_SCHEMA, _tar_add
+    from curation.demo_data import SIDECAR_SCHEMA, add_tar_member
     from PIL import Image
 
     width, height = Image.open(io.BytesIO(image)).size
@@ -296,9 +296,9 @@ def write_webdataset(folder: Path, captions: list[str], num_samples: int, shard_
                         "status": "success", "error_message": None, "width": width, "height": height,
                         "original_width": width, "original_height": height, "exif": None, "sha256": None}
                 rows.append(meta)
-                _tar_add(tar, f"{key}.jpg", image)
-                _tar_add(tar, f"{key}.txt", caption.encode("utf-8"))
-                _tar_add(tar, f"{key}.json", json.dumps(meta).encode())
+                add_tar_member(tar, f"{key}.jpg", image)
+                add_tar_member(tar, f"{key}.txt", caption.encode("utf-8"))
+                add_tar_member(tar, f"{key}.json", json.dumps(meta).encode())
         pq.write_table(pa.Table.from_pylist(rows, schema=SIDECAR_SCHEMA), folder / f"{s:05d}.parquet")
         (folder / f"{s:05d}_stats.json").write_text(json.dumps(
             {"count": len(rows), "successes": len(rows), "failed_to_download": 0,

@@ -277,7 +277,8 @@ def make_image(rng: random.Random, text: str | None, size: tuple[int, int] | Non
     return buf.getvalue()
 
 
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add ``data`` as member ``name``, with fixed metadata (reproducible tars)."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o444
     info.uname = info.gname = "bigdata"
@@ -356,9 +357,9 @@ def build_demo_dataset(output: str | Path, num_samples: int = 300, num_shards: i
                         "exif": None, "sha256": None}
                 rows.append(meta)
                 if ok:
-                    _tar_add(tar, f"{key}.jpg", smp["image"])
-                    _tar_add(tar, f"{key}.txt", cap_bytes)
-                    _tar_add(tar, f"{key}.json", json.dumps(meta).encode())
+                    add_tar_member(tar, f"{key}.jpg", smp["image"])
+                    add_tar_member(tar, f"{key}.txt", cap_bytes)
+                    add_tar_member(tar, f"{key}.json", json.dumps(meta).encode())
         pq.write_table(pa.Table.from_pylist(rows, schema=SIDECAR_SCHEMA), output / f"{s:05d}.parquet")
         ok_count = sum(r["status"] == "success" for r in rows)
         (output / f"{s:05d}_stats.json").write_text(json.dumps(
@@ -414,9 +415,9 @@ def write_eval_dataset(output: str | Path, splits: dict[str, int] | None = None,
             with tarfile.open(folder / f"{s}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
                 for i in range(s * samples_per_shard, min(n, (s + 1) * samples_per_shard)):
                     smp = eval_sample(i, seed, split)
-                    _tar_add(tar, f"{smp['key']}.jpg", smp["image"])
-                    _tar_add(tar, f"{smp['key']}.cls", str(smp["label"]).encode())
-                    _tar_add(tar, f"{smp['key']}.txt", "\n".join(smp["captions"]).encode())
+                    add_tar_member(tar, f"{smp['key']}.jpg", smp["image"])
+                    add_tar_member(tar, f"{smp['key']}.cls", str(smp["label"]).encode())
+                    add_tar_member(tar, f"{smp['key']}.txt", "\n".join(smp["captions"]).encode())
         (folder / "nshards.txt").write_text(f"{nshards}\n")
     (output / marker.name).write_text(json.dumps(manifest))
     if marker.exists() and json.loads(marker.read_text()) == manifest:  # another writer won

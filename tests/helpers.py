@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from curation.demo_data import SIDECAR_SCHEMA, _tar_add
+from curation.demo_data import SIDECAR_SCHEMA, add_tar_member
 
 
 def jpeg(color=(200, 30, 30), size=(64, 48)) -> bytes:
@@ -60,10 +60,10 @@ def write_wds_shard(folder, name, samples, sidecar=True, truncate_to=None):
             if not ok:
                 continue
             if s.get("image") is not None:
-                _tar_add(tar, f"{s['key']}.{s.get('ext', 'jpg')}", s["image"])
+                add_tar_member(tar, f"{s['key']}.{s.get('ext', 'jpg')}", s["image"])
             if cap is not None:
-                _tar_add(tar, f"{s['key']}.txt", cap if isinstance(cap, bytes) else cap.encode())
-            _tar_add(tar, f"{s['key']}.json", json.dumps({"key": s["key"]}).encode())
+                add_tar_member(tar, f"{s['key']}.txt", cap if isinstance(cap, bytes) else cap.encode())
+            add_tar_member(tar, f"{s['key']}.json", json.dumps({"key": s["key"]}).encode())
     if truncate_to is not None:
         data = path.read_bytes()
         path.write_bytes(data[: int(len(data) * truncate_to)])

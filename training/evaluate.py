@@ -247,7 +247,7 @@ def linear_probe_eval(train: dict, test: dict, cfg: dict) -> dict:
     num_classes = int(max(train["labels"].max(), test["labels"].max())) + 1
     probe_cfg = {"weight_decay": cfg["weight_decay"], "steps": cfg["steps"], "lr_scratch": cfg["lr"]}
     out = {}
-    with fewshot._threads(cfg.get("num_threads", 1)):
+    with fewshot.torch_threads(cfg.get("num_threads", 1)):
         for name, x in train["features"].items():
             p = fewshot.scratch_probe(x[tr], train["labels"][tr], x[va], train["labels"][va],
                                       num_classes, probe_cfg)

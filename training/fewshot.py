@@ -63,7 +63,7 @@ def train_projected_probes(x, y, w0, deltas, delta_bs, logit_scale=100.0, steps=
 
     ``mask`` [G, N] (0/1): the samples each probe trains on (all when None); a probe with none
     stays at W = 0, b = 0 (zero-shot)."""
-    with _threads(num_threads):
+    with torch_threads(num_threads):
         return _train_projected(x, y, w0, deltas, delta_bs, logit_scale, steps, lr, mask)
 
 
@@ -104,7 +104,7 @@ def scratch_logits(x, W, b) -> torch.Tensor:
 def train_scratch_probes(x, y, num_classes, weight_decays, steps=200, lr=1e-2, num_threads=1, mask=None):
     """Train one from-scratch probe per weight decay; returns W [G, C, D], b [G, C] (``mask``
     as in :func:`train_projected_probes`)."""
-    with _threads(num_threads):
+    with torch_threads(num_threads):
         return _train_scratch(x, y, num_classes, weight_decays, steps, lr, mask)
 
 
@@ -272,12 +272,12 @@ def fewshot_sweep(train_x, train_y, test_x, test_y, w0, cfg: dict | None = None)
     """The k-shot sweep: zero-shot, projected probe and from-scratch probe test accuracy (mean
     and std over seeds) for every k in ``cfg["shots"]``."""
     cfg = {**DEFAULTS, **(cfg or {})}
-    with _threads(cfg.get("num_threads", 1)):
+    with torch_threads(cfg.get("num_threads", 1)):
         return _sweep(train_x, train_y.long(), test_x, test_y.long(), w0, cfg)
 
 
 @contextlib.contextmanager
-def _threads(n):
+def torch_threads(n):
     """Tiny full-batch problems: one thread is fastest (and kind to a shared machine)."""
     old = torch.get_num_threads()
     if n:

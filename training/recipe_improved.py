@@ -353,9 +353,9 @@ class ImprovedRecipeLoss(nn.Module):
 
 
 def _noop_after_step():
-    from training.losses.ssl import _Companion
+    from training.losses.ssl import SSLCompanion
 
-    return _Companion.after_step
+    return SSLCompanion.after_step
 
 
 # --- the recipe ---------------------------------------------------------------------------------------------

@@ -253,7 +253,9 @@ def _require(outputs: Mapping, *keys: str):
     return [outputs[k] for k in keys]
 
 
-class _Companion(nn.Module):
+class SSLCompanion(nn.Module):
+    """The base of every companion: its ``weight`` in the total loss and an ``after_step`` hook."""
+
     def __init__(self, weight: float):
         super().__init__()
         self.weight = float(weight)
@@ -262,7 +264,7 @@ class _Companion(nn.Module):
         """Called by the trainer after each optimiser step (EMA updates); no-op by default."""
 
 
-class BarLIP(_Companion):
+class BarLIP(SSLCompanion):
     """Barlow Twins between image and text projections (see module docstring)."""
 
     def __init__(
@@ -318,7 +320,7 @@ def _siam_heads(d_img: int, d_txt: int, hidden_dim: int, proj_dim: int):
     return projectors, nn.ModuleDict({"image": predictor(), "text": predictor()})
 
 
-class SiamLIP(_Companion):
+class SiamLIP(SSLCompanion):
     """SimSiam across modalities: predict the other modality's stop-gradient projection."""
 
     def __init__(self, dim, weight: float = 1.0, hidden_dim: int = 2048, proj_dim: int = 128,
@@ -413,7 +415,7 @@ class BYOLIP(SiamLIP):
             self.target_projectors_strong.update(self.projectors_strong)
 
 
-class SwALIP(_Companion):
+class SwALIP(SSLCompanion):
     """SwAV-style swapped prediction between the strong image and text embeddings (no parameters)."""
 
     def __init__(self, dim=None, weight: float = 0.2, epsilon: float = 0.05, sinkhorn_iters: int = 3):
@@ -430,7 +432,7 @@ class SwALIP(_Companion):
         return self.loss(list(image_strong), list(text_strong), scale)
 
 
-class SLIP(_Companion):
+class SLIP(SSLCompanion):
     """SimCLR between the two strong image views through its own MLP (SLIP's image-image term)."""
 
     def __init__(
