@@ -2,7 +2,8 @@
 
 * :mod:`~curation.common.config`: YAML configs, ``key.sub=value`` overrides, ``configs/``;
 * :mod:`~curation.common.storage`: object-storage settings for every process, URL helpers;
-* :mod:`~curation.common.cluster`: Ray start-up, the local-path warning, package versions;
+* :mod:`~curation.common.jobs`: Ray start-up, the local-path warning, package versions;
+* :mod:`~curation.common.quiet`: known-harmless third-party noise, filtered in every process;
 * :mod:`~curation.common.nlp`: the spaCy English pipeline and the caption-parse definitions
   (objects, attributes, subjects) that the C filter and the concept labels share.
 
