@@ -99,10 +99,10 @@ def usable_keys(num_shards=2, per_shard=41) -> set:
     return {f"{s:05d}{j:04d}" for s in range(num_shards) for j in range(per_shard)} - {"000000003", "000000007"}
 
 
-def run_cfg(data, storage, name, *extra):
+def run_cfg(data, storage, name, *extra, config_file=None):
     from training.train import build_train_config
 
-    return build_train_config(None, [
+    return build_train_config(config_file, [
         f"data.train={data}", f"run.storage_path={storage}", f"run.name={name}",
         f"model.arch={ARCH}", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
         "scaling.use_gpu=false", "data.num_cpus=0.5", "data.map_batch_size=16",
@@ -136,13 +136,45 @@ def attempts(rows: list[dict]) -> list[list[dict]]:
     return [[r for r in rows if r["pid"] == p] for p in pids]
 
 
-def test_two_workers_resume_after_sigkill_and_learn(ray_session, color_data, tmp_path):
-    """A real SIGKILL of the rank-0 Ray Train worker process right after the step-12 checkpoint is
-    uploaded and marked complete, before Ray Train's controller has (usually) recorded it; mid-epoch
-    (epoch 2 = steps 11..15; checkpoints every 4 steps). The restarted worker group finds the
-    step-12 checkpoint itself (its completeness marker), not Ray's previous one at step 8, replays
-    epoch 2's first two batches without training and continues with exactly the samples the killed
-    run would have trained on."""
+AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+            "AWS_REGION")
+
+
+@pytest.fixture
+def fresh_fsspec_conf(monkeypatch):
+    """The driver's fsspec defaults as they were before the test (the job sets them)."""
+    import fsspec
+
+    monkeypatch.setattr(fsspec.config, "conf", {k: dict(v) for k, v in fsspec.config.conf.items()})
+
+
+def test_fsspec_options_from_env_and_storage_options():
+    from curation.common.storage import Storage
+    from training.data import fsspec_options
+
+    storage = Storage(env={"AWS_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_ACCESS_KEY_ID": "k",
+                           "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "eu-west-1"},
+                      options={"secret": "s2", "client_kwargs": {"verify": False}})
+    assert fsspec_options("s3://b/x", storage) == {
+        "endpoint_url": "http://127.0.0.1:1", "key": "k", "secret": "s2",
+        "client_kwargs": {"region_name": "eu-west-1", "verify": False}}
+    assert fsspec_options("/local/path", storage) == {} == fsspec_options("s3://b/x", None)
+
+
+def test_bucket_run_resumes_after_sigkill_learns_and_restarts(ray_session, s3_server, color_data,
+                                                             fresh_fsspec_conf, tmp_path, monkeypatch):
+    """The Ray Train job on a real S3 server (SeaweedFS): shards, checkpoints and logs in a bucket,
+    two gloo workers.
+
+    1. Configured by a ``storage_options`` block only (no AWS variables anywhere). A real SIGKILL
+       of the rank-0 worker process right after the step-12 checkpoint is uploaded and marked
+       complete, before Ray Train's controller has (usually) recorded it; mid-epoch (epoch 2 =
+       steps 11..15; checkpoints every 4 steps). The restarted worker group finds the step-12
+       checkpoint itself (its completeness marker), not Ray's previous one at step 8, replays
+       epoch 2's first two batches without training and continues with exactly the samples the
+       killed run would have trained on; the model learns.
+    2. Restarted as a new job with the same run name, configured by the standard AWS variables
+       only: it resumes from the bucket's last checkpoint."""
     import open_clip
     import psutil
 
@@ -150,27 +182,45 @@ def test_two_workers_resume_after_sigkill_and_learn(ray_session, color_data, tmp
     from training.train import train
 
     register_model_configs()  # the tiny architectures in configs/models/
+    for var in AWS_VARS:
+        monkeypatch.delenv(var, raising=False)
+    bucket = s3_server.new_bucket("train")
+    s3_server.upload(color_data, f"s3://{bucket}/cat")
+    data, runs = f"s3://{bucket}/cat", f"s3://{bucket}/runs"
+    monkeypatch.chdir(tmp_path)  # a stray os.makedirs("s3://...") would show up here
+    user_config = tmp_path / "bucket.yaml"
+    user_config.write_text(json.dumps({"storage_options": s3_server.storage_options}))  # YAML
 
-    storage, debug = tmp_path / "runs", tmp_path / "debug"
-    cfg = run_cfg(color_data, storage, "colors", "train.max_steps=30", "train.checkpoint_every_steps=4",
+    debug = tmp_path / "debug"
+    cfg = run_cfg(data, runs, "colors", "train.max_steps=30", "train.checkpoint_every_steps=4",
                   "debug.pause_at_step=12", f"debug.dir={debug}", "debug.log_keys=true",
-                  "run.max_failures=1")
+                  "run.max_failures=1", config_file=str(user_config))
     killer = kill_when_paused(debug / "paused-at-12-rank0", delay=0.0)
     summary = train(cfg, log=lambda *_: None)
     killer["thread"].join(5)
 
     assert summary["metrics"]["step"] == 30
     assert summary["plan"] == {"num_samples": 82, "steps_per_epoch": 5, "total_steps": 30, "local_batch_size": 8}
+    assert summary["log_dir"] == f"{runs}/colors"
+    assert len(summary["metrics"]["worker_nodes"]) == 2  # one Ray node id per rank (one node here)
+    assert summary["checkpoint"].startswith(f"{runs}/colors/checkpoint_")
     # the process killed was the rank-0 training worker of the first attempt, and it is gone
     first_pid = attempts(read_jsonl(debug / "keys-rank0.jsonl"))[0][0]["pid"]
     assert killer["pid"] == first_pid and not psutil.pid_exists(first_pid)
-    log_dir = storage / "colors"
-    steps = [r["step"] for r in read_jsonl(log_dir / "metrics.jsonl") if "train/loss" in r]
+    fs = s3_server.filesystem()
+    run_dir = f"{bucket}/runs/colors"
+
+    def logged_steps():
+        fs.invalidate_cache()
+        rows = [json.loads(line) for line in fs.cat(f"{run_dir}/metrics.jsonl").decode().splitlines()]
+        return [r for r in rows if "train/loss" in r]
+
     # first attempt logged 1..12 and was killed; the retry resumed from the step-12 checkpoint
-    assert steps == list(range(1, 13)) + list(range(13, 31))
-    markers = sorted(p.parent.name for p in log_dir.glob("checkpoint_step_*/checkpoint_complete.json"))
+    assert [r["step"] for r in logged_steps()] == list(range(1, 13)) + list(range(13, 31))
+    markers = [p.split("/")[-2] for p in fs.glob(f"{run_dir}/checkpoint_step_*/checkpoint_complete.json")]
     assert "checkpoint_step_0000000012" in markers
-    assert (log_dir / "tensorboard").is_dir()
+    assert fs.ls(f"{run_dir}/tensorboard")
+    assert json.loads(fs.cat(f"{run_dir}/summary.json"))["metrics"]["step"] == 30
 
     usable = usable_keys()
     epoch2: list = []
@@ -185,7 +235,8 @@ def test_two_workers_resume_after_sigkill_and_learn(ray_session, color_data, tmp
         assert sorted(trained) == list(range(13, 31))
         epoch2 += a1[11] + a1[12] + trained[13] + trained[14] + trained[15]
         assert {k for s in range(1, 6) for k in a1[s]} <= usable
-    # the interrupted epoch saw every usable sample exactly once, over both attempts
+    # the interrupted epoch saw every usable sample exactly once, over both attempts, both
+    # workers reading the bucket's shards
     assert len(epoch2) == 80 and set(epoch2) == usable
 
     # the corrupt image and the empty caption were skipped (once per epoch), not fatal
@@ -193,15 +244,33 @@ def test_two_workers_resume_after_sigkill_and_learn(ray_session, color_data, tmp
     assert skipped["unique_keys"] == 2
     assert set(skipped["by_reason"]) == {"bad_image", "bad_text"}
 
-    # it learned: loss falls and zero-shot colour classification of unseen images is far above 1/4
-    losses = [r["train/loss"] for r in read_jsonl(log_dir / "metrics.jsonl") if "train/loss" in r]
+    # it learned: loss falls and zero-shot colour classification of unseen images is far above
+    # 1/4, with the weights from the bucket loaded by open_clip
+    losses = [r["train/loss"] for r in logged_steps()]
     assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 0.3
-    ckpt = summary["checkpoint"]
-    model, _, preprocess = open_clip.create_model_and_transforms(ARCH, pretrained=f"{ckpt}/open_clip.pt")
+    ckpt = summary["checkpoint"].removeprefix("s3://")
+    meta = json.loads(fs.cat(f"{ckpt}/meta.json"))
+    assert meta["step"] == 30 and meta["arch"] == ARCH
+    local = tmp_path / "ckpt.pt"
+    fs.get_file(f"{ckpt}/open_clip.pt", str(local))
+    model, _, preprocess = open_clip.create_model_and_transforms(ARCH, pretrained=str(local))
     model.eval()
     acc = zero_shot_accuracy(model, preprocess, open_clip.get_tokenizer(ARCH))
     assert acc >= 0.6, acc
 
-    # (a re-run with the same run name resuming from the last checkpoint: tests/test_s3_training.py)
-    meta = json.loads(open(f"{ckpt}/meta.json").read())
-    assert meta["step"] == 30 and meta["arch"] == ARCH
+    # 2. a new job with the same run name, configured by the AWS variables only
+    import fsspec
+
+    monkeypatch.setattr(fsspec.config, "conf", {})
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    again = train(run_cfg(data, runs, "colors", "train.max_steps=32", "train.checkpoint_every_steps=4"),
+                  log=lambda *_: None)
+    assert again["metrics"]["step"] == 32
+    assert [r["step"] for r in logged_steps()] == list(range(1, 33))  # resumed at 30
+    meta = json.loads(fs.cat(f"{again['checkpoint'].removeprefix('s3://')}/meta.json"))
+    assert meta["step"] == 32 and meta["epoch"] == 6 and meta["epoch_step"] == 2
+
+    # nothing went to a local folder named after the URL
+    assert not any(p.name.startswith("s3") for p in Path(tmp_path).iterdir()), os.listdir(tmp_path)
+    assert not Path("outputs").exists()
