@@ -46,6 +46,22 @@ def s3_server():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def default_demo(ray_session, tmp_path_factory):
+    """``make demo``'s curation (the default config, text spotting on, report written), run once
+    for the session: (summary, demo input folder, output folder). Tests only read it."""
+    from pathlib import Path
+
+    from curation.common.config import CONFIG_DIR, build_config
+    from curation.pipeline import curate
+
+    tmp = tmp_path_factory.mktemp("default-demo")
+    cfg = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml",
+                       overrides=[f"output={tmp / 'out'}", f"demo.output={tmp / 'demo'}", "progress=false"])
+    summary = curate(cfg, log=lambda *_: None)
+    return summary, Path(cfg["demo"]["output"]), tmp / "out"
+
+
 @pytest.fixture
 def s3_env(s3_server, monkeypatch):
     """The server's endpoint and credentials in the standard AWS variables, as users set them."""

@@ -73,19 +73,6 @@ def demo_input(tmp_path_factory):
     return build_demo_dataset(tmp_path_factory.mktemp("demo") / "in", num_samples=120, num_shards=3)
 
 
-@pytest.fixture(scope="module")
-def default_demo(ray_session, tmp_path_factory):
-    """``make demo``'s curation (the default config, text spotting on, report written), run once:
-    (summary, demo input folder, output folder)."""
-    from pathlib import Path
-
-    tmp = tmp_path_factory.mktemp("default-demo")
-    cfg = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml",
-                       overrides=[f"output={tmp / 'out'}", f"demo.output={tmp / 'demo'}", "progress=false"])
-    summary = curate(cfg, log=lambda *_: None)
-    return summary, Path(cfg["demo"]["output"]), tmp / "out"
-
-
 def test_demo_end_to_end(default_demo):
     summary, demo_in, out = default_demo
     stats, samples = assert_accounting(demo_in, out)

@@ -1,6 +1,6 @@
 """Re-selection (pipelines/cat_select.py): new thresholds over a scored output, with spaCy and OCR
-only for samples whose stored score does not hold. One cat_filter run (text spotting on) is scored
-once for the module; every selection is compared with it."""
+only for samples whose stored score does not hold. The session's demo curation (text spotting
+on) is the scored output; every selection is compared with it."""
 
 import io
 import json
@@ -39,14 +39,11 @@ def _summary(out) -> dict:
 
 
 @pytest.fixture(scope="module")
-def scored(ray_session, tmp_path_factory):
-    """A cat_filter output with the default settings (complexity.min 1, the T cascade): (input, output)."""
-    tmp = tmp_path_factory.mktemp("select")
-    inp = build_demo_dataset(tmp / "in", num_samples=60, num_shards=2)
-    cfg = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml",
-                       overrides=[f"input={inp}", f"output={tmp / 'scored'}", *QUIET])
-    curate(cfg, log=lambda *_: None)
-    return Path(inp), tmp / "scored"
+def scored(default_demo):
+    """The session's demo curation (the default settings: complexity.min 1, the T cascade, 300
+    samples in 3 shards; read only): (input, output)."""
+    _, inp, out = default_demo
+    return inp, out
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +62,7 @@ def test_same_thresholds_reproduce_the_scored_output(scored, tmp_path):
     summary = select(build_select_config(str(base), None, [f"output={out}", *QUIET]), log=lambda *_: None)
     stats = _stats(out)
     # every input sample once, and the whole stats table (scores, decisions, OCR text) as scored
-    assert len(stats) == count_sidecar_rows(inp) == 60 and stats.key.is_unique
+    assert len(stats) == count_sidecar_rows(inp) == 300 and stats.key.is_unique
     pd.testing.assert_frame_equal(stats, _stats(base))
     assert set(read_output_samples(out)) == _kept(stats) == set(read_output_samples(base))
     assert json.loads((out / "shards" / "sizes.json").read_text()) == \
@@ -78,7 +75,7 @@ def test_same_thresholds_reproduce_the_scored_output(scored, tmp_path):
     # resume: the same command again has nothing to do; other thresholds into it are refused
     logs = []
     select(build_select_config(str(base), None, [f"output={out}", *QUIET]), log=logs.append)
-    assert any("2 already done, 0 to process" in line for line in logs)
+    assert any("3 already done, 0 to process" in line for line in logs)
     with pytest.raises(SettingsError, match="filters.complexity.min: 1 -> 2"):
         select(build_select_config(str(base), None, [f"output={out}", "filters.complexity.min=2", *QUIET]),
                log=lambda *_: None)
