@@ -8,7 +8,11 @@ from PIL import Image, UnidentifiedImageError
 
 # PIL's own decompression-bomb limit, used as the default.
 DEFAULT_MAX_PIXELS = 89_478_485
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+# The image extensions (webdataset member names) of the project: open_clip_train's loader and
+# CLIP_benchmark read the first four, so a curated shard holds only those (output.kept_sample
+# converts the others to PNG); the curation reads all of them.
+TRAINABLE_FORMATS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTENSIONS = TRAINABLE_FORMATS + ("bmp", "gif", "tif", "tiff")
 
 
 class BadImage(ValueError):
@@ -53,17 +57,29 @@ def probe_image(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS,
     return width, height, fmt
 
 
-def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None) -> Image.Image:
-    """Decode image bytes to RGB (for OCR, thumbnails): size limit by header, transparency
-    flattened on white, optionally downscaled so the longest side is at most ``max_side``.
-    Raises :class:`BadImage`."""
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None, *,
+               min_side: int | None = None, flatten_alpha: bool = True) -> Image.Image:
+    """Decode image bytes to RGB; the one decoder of the project (curation's OCR and report,
+    training's data path, evaluation sets and concept teacher). Raises :class:`BadImage`.
+
+    * The size limit is checked on the header first (:func:`probe_image`): a decompression bomb
+      costs nothing.
+    * ``max_side``: downscaled so that the longest side is at most ``max_side`` (OCR, thumbnails).
+    * ``min_side``: a JPEG is decoded at the smallest scale (PIL draft mode: 1/2, 1/4, 1/8) that
+      keeps both sides >= ``min_side``, much cheaper for large photos and small models.
+    * ``flatten_alpha``: transparency flattened on white (OCR reads dark text on white); else the
+      alpha channel is dropped, as ``PIL.Image.convert("RGB")`` does in open_clip's and
+      CLIP_benchmark's loaders (training and evaluation decode as they do).
+    """
     probe_image(data, max_pixels, decode=False)
     try:
         img = Image.open(io.BytesIO(data))
-        if max_side and max(img.size) > max_side and img.format == "JPEG":
-            img.draft("RGB", (max_side, max_side))  # decode at 1/2, 1/4 or 1/8 scale: faster
+        draft = min_side or (max_side if max_side and max(img.size) > max_side else None)
+        if draft and img.format == "JPEG":
+            img.draft("RGB", (draft, draft))  # decode at 1/2, 1/4 or 1/8 scale: faster
         img.load()
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        if flatten_alpha and (img.mode in ("RGBA", "LA", "PA")
+                              or (img.mode == "P" and "transparency" in img.info)):
             rgba = img.convert("RGBA")
             img = Image.new("RGB", rgba.size, (255, 255, 255))
             img.paste(rgba, mask=rgba.getchannel("A"))

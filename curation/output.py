@@ -42,6 +42,7 @@ from webdataset import TarWriter
 
 from curation.ingest import DROPPED, ERROR, KEPT, NOT_DOWNLOADED, PENDING, SHARD_END
 from curation.common.storage import is_remote
+from curation.images import TRAINABLE_FORMATS
 
 FILTERS = ("complexity", "action", "text_spotting")
 
@@ -231,9 +232,6 @@ def _sample_json(original: bytes | None, stats_row: dict, extra: dict | None = N
     except (ValueError, RecursionError):  # e.g. nesting too deep to write back
         return json.dumps({"original_json_error": "the input sample's json cannot be re-encoded",
                            "cat": meta["cat"]}).encode("utf-8")
-
-
-TRAINABLE_FORMATS = ("jpg", "jpeg", "png", "webp")  # what open_clip_train's loader reads
 
 
 def to_png(data: bytes) -> bytes:

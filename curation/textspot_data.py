@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from curation.images import decode_rgb
 from curation.text_overlap import content_words, tokens
 
 KINDS = ("full", "partial", "one_word", "unrelated", "none")
@@ -236,7 +237,7 @@ def usable_caption(caption: str, min_words: int = 2, max_words: int = 14) -> boo
 def photo_background(photo: bytes, rng: random.Random) -> Image.Image:
     """A real photo, randomly cropped (60-100% of each side) and resized so its longest side is
     320-800 px, at the photo's aspect ratio (kept between 1:2 and 2:1)."""
-    img = Image.open(io.BytesIO(photo)).convert("RGB")
+    img = decode_rgb(photo, flatten_alpha=False)
     w, h = img.size
     cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
     cw, ch = min(cw, 2 * ch), min(ch, 2 * cw)

@@ -376,7 +376,7 @@ def test_label_concepts_job(local_run, curated, tiny_teacher, nlp):
     tar = str(root / "shards" / f"{sample['key'][:5]}.tar")
     stored = next(s for s in wds.WebDataset(tar, shardshuffle=False) if s["__key__"] == sample["key"])
     data = stored.get("jpg", stored.get("png"))
-    f = teacher.encode(teacher.preprocess(C.decode_rgb(data)).unsqueeze(0))
+    f = teacher.encode(teacher.preprocess(C.decode_rgb(data, flatten_alpha=False)).unsqueeze(0))
     ids, probs = C.top_k(clf.predict_proba(f), 3)
     assert ids[0].tolist() == sample["attr_ids"]
     np.testing.assert_allclose(probs[0], sample["attr_probs"], rtol=1e-4, atol=1e-6)

@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation.common.nlp import ATTRIBUTE_DEPS, is_object, subjects
+from curation.images import IMAGE_EXTENSIONS, decode_rgb
 
 # spaCy components the concept parser reads: POS, dependencies and lemmas.
 CONCEPT_COMPONENTS = ("tok2vec", "tagger", "attribute_ruler", "parser", "lemmatizer")
@@ -534,7 +535,6 @@ def read_curated_shard(url: str, rows_per_block: int = 256) -> Iterator[pa.Table
     repeated key keeps its first copy; a broken tar ends with an error row keyed
     ``SHARD/unreadable``.
     """
-    from curation.images import IMAGE_EXTENSIONS
     from curation.ingest import decode_caption, iter_tar_samples
 
     name = shard_name(url)
@@ -577,14 +577,6 @@ class ConceptParseStage:
                                                           pa.list_(pa.string())))
 
 
-def decode_rgb(data: bytes):
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return img.convert("RGB")
-
-
 class TeacherEmbedStage:
     """Replaces ``image`` by the teacher's ``features`` (list<float32>, null on error)."""
 
@@ -606,7 +598,7 @@ class TeacherEmbedStage:
             if errors[i] is not None or data is None:
                 continue
             try:
-                tensors.append(self.teacher.preprocess(decode_rgb(data)))
+                tensors.append(self.teacher.preprocess(decode_rgb(data, flatten_alpha=False)))
                 idx.append(i)
             except Exception as exc:  # a bad image is a per-sample error, never a failed job
                 errors[i] = f"cannot decode image: {type(exc).__name__}: {exc}"

@@ -17,14 +17,14 @@ for join-by-key side data stored per shard such as concept targets.
 
 from __future__ import annotations
 
-import io
 import json
 import posixpath
 from typing import Callable
 
 import numpy as np
 
-IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp")
+from curation.images import TRAINABLE_FORMATS, decode_rgb
+
 TEXT_COLUMNS = ("txt", "text", "caption")
 _CACHE: dict = {}
 
@@ -176,20 +176,6 @@ def _first(batch: dict, columns, i: int):
     return None
 
 
-def decode_image(data, min_side: int | None = None):
-    """RGB image; JPEGs are decoded at a reduced scale (PIL draft mode) that still keeps both
-    sides >= ``min_side``, which makes decoding large photos for small models much cheaper."""
-    from PIL import Image
-
-    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
-        raise ValueError("empty image")
-    img = Image.open(io.BytesIO(bytes(data)))
-    if min_side and img.format == "JPEG":
-        img.draft("RGB", (min_side, min_side))
-    img.load()
-    return img.convert("RGB")
-
-
 def decode_text(data) -> str:
     if isinstance(data, (bytes, bytearray, memoryview)):
         data = bytes(data).decode("utf-8")
@@ -231,7 +217,7 @@ class ClipSampleTransform:
         for i in range(n):
             key = str(keys_all[i])
             try:
-                raw = _first(batch, IMAGE_COLUMNS, i)
+                raw = _first(batch, TRAINABLE_FORMATS, i)
                 if raw is None:
                     errors.append((key, "no_image", "sample has no image"))
                     continue
@@ -244,7 +230,7 @@ class ClipSampleTransform:
                 except (ValueError, UnicodeDecodeError) as exc:
                     errors.append((key, "bad_text", f"{type(exc).__name__}: {exc}"))
                     continue
-                image = decode_image(raw, min_side)
+                image = decode_rgb(bytes(raw), min_side=min_side, flatten_alpha=False)
             except Exception as exc:  # any undecodable image is a per-sample error
                 errors.append((key, "bad_image", f"{type(exc).__name__}: {exc}"))
                 continue

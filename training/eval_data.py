@@ -7,8 +7,10 @@ classification; ``None`` for a retrieval-only set) and, per split, an iterator o
 * ``wds``: the CLIP_benchmark format (``{split}/nshards.txt``, ``{split}/0.tar`` ...,
   ``classnames.txt``, ``zeroshot_classification_templates.txt``; images with ``.cls`` labels,
   retrieval sets with multi-line ``.txt`` captions), on local disk or any fsspec URL, read with
-  webdataset's tar iterators. A sample whose image does not decode (or that has neither label
-  nor captions) is skipped and recorded in ``dataset.errors``; it never stops the evaluation.
+  the project's one tar reader (:func:`curation.ingest.iter_tar_samples`) and image decoder
+  (:func:`curation.images.decode_rgb`). A sample whose image does not decode (or that has
+  neither label nor captions) is skipped and recorded in ``dataset.errors``, and so is a broken
+  tar (what was read before the break is kept); neither stops the evaluation.
 * ``digits``: scikit-learn's 1,797 real 8x8 handwritten digits (dark ink on white, upscaled);
   classes ``"0"`` .. ``"9"``; a fixed 60/40 ``train``/``test`` split (``all`` = every image).
 * ``demo``: the held-out generated demo set (:func:`curation.demo_data.write_eval_dataset`),
@@ -30,7 +32,8 @@ from typing import Callable, Iterator
 import fsspec
 from PIL import Image
 
-IMAGE_EXTENSIONS = ("webp", "jpg", "jpeg", "png")
+from curation.images import TRAINABLE_FORMATS, decode_rgb
+
 DIGITS_TEMPLATES = ["a photo of the number {}.", "a handwritten digit {}.", "the digit {}.",
                     "a black and white photo of the number {}."]
 
@@ -76,13 +79,12 @@ def parse_wds_sample(sample: dict) -> dict:
     an image, a label or captions.
     """
     key = sample.get("__key__", "?")
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    ext = next((e for e in TRAINABLE_FORMATS if e in sample), None)
     if ext is None:
-        raise ValueError(f"sample {key}: no image (expected one of {', '.join(IMAGE_EXTENSIONS)})")
+        raise ValueError(f"sample {key}: no image (expected one of {', '.join(TRAINABLE_FORMATS)})")
     try:
-        image = Image.open(io.BytesIO(sample[ext]))
-        image = image.convert("RGB")
-    except Exception as exc:  # PIL raises several types for bad data
+        image = decode_rgb(sample[ext], flatten_alpha=False)
+    except Exception as exc:  # BadImage, or a member that is not bytes
         raise ValueError(f"sample {key}: cannot decode {ext} image: {exc}") from None
     label = None
     if "cls" in sample:
@@ -108,7 +110,7 @@ def parse_wds_sample(sample: dict) -> dict:
 
 def wds_dataset(root: str, name: str | None = None) -> EvalDataset:
     """A CLIP_benchmark ``wds/`` dataset at ``root`` (local path or fsspec URL)."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
+    from curation.ingest import ShardReadError, iter_tar_samples
 
     root = str(root).rstrip("/")
     fs, base = fsspec.core.url_to_fs(root)
@@ -132,16 +134,20 @@ def wds_dataset(root: str, name: str | None = None) -> EvalDataset:
             if not fs.exists(path):
                 dataset.errors.append({"key": f"{split}/{i}.tar", "error": "missing shard"})
                 continue
-            with fs.open(path, "rb") as stream:
-                def bad_tar(exc):
-                    dataset.errors.append({"key": f"{split}/{i}.tar", "error": f"bad tar: {exc}"})
-                    return False  # stop reading this shard, keep what was read
-                files = tar_file_expander([{"url": path, "stream": stream}], handler=bad_tar)
-                for raw in group_by_keys(files, handler=bad_tar):
+            tar_errors: list[str] = []  # a broken tar stops its shard; what was read is kept
+            try:
+                for raw in iter_tar_samples(fs.unstrip_protocol(path), tar_errors):
                     try:
+                        if raw.get("__duplicate__"):
+                            raise ValueError(f"sample {raw['__key__']}: repeated member(s) "
+                                             f"{', '.join(raw['__duplicate__'])}")
                         yield parse_wds_sample(raw)
                     except ValueError as exc:
                         dataset.errors.append({"key": raw.get("__key__"), "error": str(exc)})
+            except ShardReadError as exc:  # the storage failed, not the bytes: the shard is lost too
+                tar_errors.append(str(exc))
+            if tar_errors:
+                dataset.errors.append({"key": f"{split}/{i}.tar", "error": f"bad tar: {tar_errors[0]}"})
 
     dataset.split_reader = read
     return dataset
