@@ -159,20 +159,12 @@ def test_curation_job_on_two_nodes_with_buckets(cluster, s3_server, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_two_worker_training_job_on_two_nodes_with_buckets(ray_session, cluster, s3_server, tmp_path):
+def test_two_worker_training_job_on_two_nodes_with_buckets(cluster, s3_server, tmp_path):
     """`training/train.py` as a Ray job: curated shards in a bucket, two Train workers spread over
     the two nodes, checkpoints and logs written to the bucket."""
-    from curation.demo_data import build_demo_dataset
-    from curation.pipeline import curate
-    from curation.common.config import CONFIG_DIR, build_config
+    from test_train_ray import write_color_shards
 
-    curated = tmp_path / "curated"
-    inp = build_demo_dataset(tmp_path / "in", num_samples=48, num_shards=2)
-    curate(build_config(CONFIG_DIR / "curation" / "cat_filter.yaml",
-                        overrides=[f"input={inp}", f"output={curated}", "progress=false", "report=false",
-                                   "filters.complexity.enabled=false", "filters.action.enabled=false",
-                                   "filters.text_spotting.enabled=false"]),
-           log=lambda *_: None)
+    curated = Path(write_color_shards(tmp_path / "curated", per_shard=24))  # curated-format shards
     bucket = s3_server.new_bucket("train2n")
     s3_server.upload(curated / "shards", f"s3://{bucket}/curated/shards")
     res = cluster.submit({"env_vars": s3_server.env},
