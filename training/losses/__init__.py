@@ -1,5 +1,5 @@
 """Contrastive losses: local rows against the globally gathered batch (see training.distributed)."""
 
-from training.losses.clip import clip_logits, clip_loss
+from training.losses.clip import clip_loss, infonce
 
-__all__ = ["clip_loss", "clip_logits"]
+__all__ = ["clip_loss", "infonce"]

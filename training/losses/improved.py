@@ -28,11 +28,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from training.distributed import gather_with_grad, local_targets
+from training.distributed import gather_with_grad
+from training.losses.clip import infonce
 
-__all__ = ["REDUCTIONS", "directional_infonce", "improved_clip_loss", "ImprovedCLIPLoss"]
+__all__ = ["REDUCTIONS", "improved_clip_loss", "ImprovedCLIPLoss"]
 
 REDUCTIONS = ("mean", "sum")  # how the two directions combine (official --loss-avg-or-sum avg|sum)
 
@@ -41,20 +41,6 @@ def check_reduction(reduction: str) -> str:
     if reduction not in REDUCTIONS:
         raise ValueError(f"loss.reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return reduction
-
-
-def directional_infonce(
-    rows: torch.Tensor,
-    columns_all: torch.Tensor,
-    logit_scale: torch.Tensor | float,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """CE of ``logit_scale * rows @ columns_all.T`` with this rank's positives as labels (float32,
-    also under autocast)."""
-    with torch.autocast(device_type=rows.device.type, enabled=False):
-        logits = logit_scale * rows.float() @ columns_all.float().T
-        targets = local_targets(rows.shape[0], device=rows.device)
-        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
 def improved_clip_loss(
@@ -87,8 +73,8 @@ def improved_clip_loss(
         raise ValueError("strong views need their own logit_scale_strong")
 
     image_all, text_all = gather_with_grad(image), gather_with_grad(text)
-    g_i2t = directional_infonce(image, text_all, logit_scale)
-    g_t2i = directional_infonce(text, image_all, logit_scale)
+    g_i2t = infonce(image, text_all, logit_scale)
+    g_t2i = infonce(text, image_all, logit_scale)
     parts = {"global_i2t": g_i2t, "global_t2i": g_t2i}
     if n == 0:
         loss = factor * (g_i2t + g_t2i) / 2
@@ -97,12 +83,12 @@ def improved_clip_loss(
     image_strong_all = [gather_with_grad(x) for x in image_strong]
     text_strong_all = [gather_with_grad(y) for y in text_strong]
     l_i2t = sum(
-        directional_infonce(x, y_all, logit_scale_strong, label_smoothing)
+        infonce(x, y_all, logit_scale_strong, label_smoothing)
         for x in image_strong
         for y_all in text_strong_all
     ) / (n * n)
     l_t2i = sum(
-        directional_infonce(y, x_all, logit_scale_strong, label_smoothing)
+        infonce(y, x_all, logit_scale_strong, label_smoothing)
         for y in text_strong
         for x_all in image_strong_all
     ) / (n * n)
