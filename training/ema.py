@@ -16,12 +16,9 @@ import copy
 import torch
 import torch.nn as nn
 
-__all__ = ["EMA", "unwrap"]
+from training.checkpoint import unwrap
 
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside a DDP / DataParallel wrapper (or the module itself)."""
-    return module.module if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else module
+__all__ = ["EMA"]
 
 
 class EMA(nn.Module):
