@@ -176,6 +176,19 @@ def test_ema_update_follows_the_formula_and_copies_buffers():
         ema.update(nn.Linear(3, 4))
 
 
+def test_ema_sees_through_torch_compile():
+    """The target is the plain module, and a compiled online module updates it (no compile runs:
+    torch.compile only wraps the module until its first call)."""
+    online = nn.Linear(3, 4)
+    ema = EMA(torch.compile(online), momentum=0.5)
+    assert type(ema.module) is nn.Linear
+    with torch.no_grad():
+        online.weight.add_(1.0)
+    start = ema.module.weight.detach().clone()
+    ema.update(torch.compile(online))
+    torch.testing.assert_close(ema.module.weight, 0.5 * start + 0.5 * online.weight.detach())
+
+
 # ---- SwAV / Sinkhorn ------------------------------------------------------------------------------
 
 
