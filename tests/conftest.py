@@ -62,6 +62,24 @@ def default_demo(ray_session, tmp_path_factory):
     return summary, Path(cfg["demo"]["output"]), tmp / "out"
 
 
+@pytest.fixture(scope="session")
+def clean_run(ray_session, tmp_path_factory):
+    """The reference run that the object-storage, kill and read-fault tests compare with: 200 demo
+    samples in 8 img2dataset shards of 25, curated on local disk without text spotting, once for
+    the session: (input folder, output folder, summary). Tests only read it."""
+    from curation.common.config import CONFIG_DIR, build_config
+    from curation.demo_data import build_demo_dataset
+    from curation.pipeline import curate
+
+    tmp = tmp_path_factory.mktemp("clean-run")
+    inp = build_demo_dataset(tmp / "in", num_samples=200, num_shards=8)
+    cfg = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml",
+                       overrides=[f"input={inp}", f"output={tmp / 'out'}", "progress=false", "report=false",
+                                  "filters.text_spotting.enabled=false"])
+    summary = curate(cfg, log=lambda *_: None)
+    return inp, tmp / "out", summary
+
+
 @pytest.fixture
 def s3_env(s3_server, monkeypatch):
     """The server's endpoint and credentials in the standard AWS variables, as users set them."""

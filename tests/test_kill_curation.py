@@ -16,9 +16,6 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from curation.common.config import CONFIG_DIR, build_config
-from curation.demo_data import build_demo_dataset
-from curation.pipeline import curate
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDS = 8
@@ -40,8 +37,8 @@ def _tar_keys(fs, root) -> list[str]:
 
 
 @pytest.mark.timeout(600)
-def test_sigkill_driver_then_rerun_equals_clean_run(ray_session, s3_server, tmp_path):
-    local_in = build_demo_dataset(tmp_path / "in", num_samples=SHARDS * 25, num_shards=SHARDS)
+def test_sigkill_driver_then_rerun_equals_clean_run(ray_session, clean_run, s3_server, tmp_path):
+    local_in, clean_out, _ = clean_run  # the same settings on local disk, run once for the session
     bucket = s3_server.new_bucket("kill")
     s3_server.upload(local_in, f"s3://{bucket}/in")
     fs = s3_server.filesystem()
@@ -79,11 +76,6 @@ def test_sigkill_driver_then_rerun_equals_clean_run(ray_session, s3_server, tmp_
     fs.invalidate_cache()
     assert "already done" in rerun.stdout and f"{SHARDS} input shards" in rerun.stdout
 
-    clean_out = tmp_path / "clean"
-    cfg = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml",
-                       overrides=[f"input={local_in}", f"output={clean_out}", "progress=false",
-                                  "report=false", "filters.text_spotting.enabled=false"])
-    curate(cfg, log=lambda *_: None)
     clean = pd.read_parquet(clean_out / "stats").sort_values("key").reset_index(drop=True)
     resumed = _stats(fs, out_root)
     assert resumed.key.is_unique and len(resumed) == len(clean) == SHARDS * 25

@@ -108,17 +108,16 @@ def _break_local(inp: str, name: str):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("fs_kind", ["local", "s3"])
-def test_transient_read_failure_leaves_the_shard_for_the_rerun(ray_session, s3_server, tmp_path, fs_kind):
+def test_transient_read_failure_leaves_the_shard_for_the_rerun(clean_run, s3_server, tmp_path, fs_kind):
     """A shard whose tar cannot be read (on S3: every connection that asks for it is reset, after
     the listing) is retried, stays uncommitted, is named by the failing job, and the re-run then
-    produces exactly the clean run's output."""
+    produces exactly the clean run's output (the session's ``clean_run``, same settings)."""
     from s3server import FlakyProxy
 
     from curation.output import OutputFolder
 
-    local_in = build_demo_dataset(tmp_path / "in", num_samples=45, num_shards=3)
-    clean = tmp_path / "clean"
-    curate(_cfg(local_in, clean, "report=false"), log=lambda *_: None)
+    shared_in, clean, _ = clean_run
+    local_in = shutil.copytree(shared_in, tmp_path / "in")  # broken below: a copy of our own
     proxy = None
     if fs_kind == "local":
         inp, out, opts = str(local_in), str(tmp_path / "out"), []
@@ -141,13 +140,13 @@ def test_transient_read_failure_leaves_the_shard_for_the_rerun(ray_session, s3_s
             assert proxy.resets > 0  # the fault really happened on the wire
         restore()
         folder = OutputFolder(out)
-        assert folder.committed() == {"00000", "00002"}  # the unreadable shard is not committed
+        assert folder.committed() == {f"{i:05d}" for i in range(8)} - {"00001"}  # not the unreadable shard
         logs = []
         curate(_cfg(inp, out, "report=false", *opts), log=logs.append)
     finally:
         if proxy is not None:
             proxy.close()
-    assert any("2 already done, 1 to process" in line for line in logs)
+    assert any("7 already done, 1 to process" in line for line in logs)
     want = pd.read_parquet(clean / "stats").sort_values("key").reset_index(drop=True)
     got = folder.read_stats().to_pandas().sort_values("key").reset_index(drop=True)
     pd.testing.assert_frame_equal(got, want)

@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.common.config import CONFIG_DIR, build_config
-from curation.demo_data import build_demo_dataset
 from curation.pipeline import curate
 
 
@@ -42,30 +41,30 @@ def _bucket_samples(fs, url) -> dict:
 
 
 @pytest.mark.timeout(600)
-def test_curation_bucket_to_bucket_equals_local_run(ray_session, s3_env, tmp_path):
+def test_curation_bucket_to_bucket_equals_local_run(clean_run, s3_env, tmp_path):
     """AWS_* variables set only in the driver's environment (the session's Ray workers started
-    before them) still reach the readers and writers: the job ships its storage settings."""
-    local_in = build_demo_dataset(tmp_path / "in", num_samples=60, num_shards=3)
+    before them) still reach the readers and writers: the job ships its storage settings. The
+    local run is the session's ``clean_run`` (the same settings on local disk)."""
+    local_in, local_out, local = clean_run
     bucket = s3_env.new_bucket("cat")
     s3_env.upload(local_in, f"s3://{bucket}/laion")
     fs = s3_env.filesystem()
 
-    local = curate(_cfg(local_in, tmp_path / "out", "report=false"), log=lambda *_: None)
     out_url = f"s3://{bucket}/curated"
     remote = curate(_cfg(f"s3://{bucket}/laion", out_url), log=lambda *_: None)
 
-    assert remote["funnel"] == local["funnel"] and remote["funnel"]["input"] == 60
-    assert remote["shards"] == {"input": 3, "committed": 3, "failed": {}}
-    local_stats = pd.read_parquet(tmp_path / "out" / "stats").sort_values("key").reset_index(drop=True)
+    assert remote["funnel"] == local["funnel"] and remote["funnel"]["input"] == 200
+    assert remote["shards"] == {"input": 8, "committed": 8, "failed": {}}
+    local_stats = pd.read_parquet(local_out / "stats").sort_values("key").reset_index(drop=True)
     remote_stats = _bucket_stats(fs, out_url)
     pd.testing.assert_frame_equal(local_stats, remote_stats)
     samples = _bucket_samples(fs, out_url)
     assert set(samples) == set(local_stats.key[local_stats.status == "kept"])
     sizes = json.loads(fs.cat(f"{bucket}/curated/shards/sizes.json"))
-    assert sizes == json.loads((tmp_path / "out" / "shards" / "sizes.json").read_text())
+    assert sizes == json.loads((local_out / "shards" / "sizes.json").read_text())
     assert json.loads(fs.cat(f"{bucket}/curated/summary.json"))["funnel"] == local["funnel"]
     page = fs.cat(f"{bucket}/curated/report.html").decode()
-    assert f'<td>input samples</td><td class="n">60</td>' in page
+    assert f'<td>input samples</td><td class="n">200</td>' in page
     assert page.count('src="data:image/jpeg;base64,') > 0  # thumbnails read from the bucket input
     assert [p for p in fs.find(f"{bucket}/curated/_tmp") if p.rstrip("/") != f"{bucket}/curated/_tmp"] == []  # no objects left
 
@@ -74,7 +73,7 @@ def test_curation_bucket_to_bucket_equals_local_run(ray_session, s3_env, tmp_pat
     fs.pipe(f"{bucket}/curated/shards/00001.tar", b"half a tar")
     logs = []
     again = curate(_cfg(f"s3://{bucket}/laion", out_url, "report=false"), log=logs.append)
-    assert any("2 already done, 1 to process" in line for line in logs)
+    assert any("7 already done, 1 to process" in line for line in logs)
     assert again["funnel"] == local["funnel"]
     pd.testing.assert_frame_equal(_bucket_stats(fs, out_url), remote_stats)
     assert set(_bucket_samples(fs, out_url)) == set(samples)
