@@ -83,9 +83,10 @@ def registered():
 
 # --- configs -------------------------------------------------------------------------------------------
 
-def test_recipe_views_equal_the_augment_defaults():
-    assert load_yaml(TRAIN_CONFIGS / "improved.yaml")["views"] == \
-        load_yaml(TRAIN_CONFIGS / "augment_defaults.yaml")["views"]
+def test_the_view_defaults_are_the_recipes_views():
+    from training.augment.views import views_config
+
+    assert load_yaml(TRAIN_CONFIGS / "improved.yaml")["views"] == views_config()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

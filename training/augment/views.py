@@ -6,8 +6,8 @@ data path (inside a Ray Data map) with a PIL image and its caption and returns::
     {"image": weak view [3, H, W] float, "image_strong": [num_strong, 3, H, W] float,
      "text": weak tokens [L] long, "text_strong": [num_strong, L] long}
 
-``cfg`` is the ``views`` section (``configs/train/augment_defaults.yaml``; a partial mapping is
-merged over those defaults and unknown keys are errors). Seeding: every call draws its seed from
+``cfg`` is the ``views`` section (its defaults are those of the recipe, the ``views`` section of
+``configs/train/improved.yaml``; a partial mapping is merged over them and unknown keys are errors). Seeding: every call draws its seed from
 a ``random.Random(seed)`` owned by the transform (give each worker its own ``seed``), unless the
 caller passes ``seed=`` explicitly, e.g. ``sample_seed(base, key, epoch)``, which makes a
 sample's views independent of which worker made them and in what order.
@@ -27,7 +27,7 @@ from training.augment.text import TextAugmenter
 
 __all__ = ["DEFAULTS_FILE", "MultiViewTransform", "sample_seed", "views_config"]
 
-DEFAULTS_FILE = CONFIG_DIR / "train" / "augment_defaults.yaml"
+DEFAULTS_FILE = CONFIG_DIR / "train" / "improved.yaml"  # its `views` section
 
 
 def views_config(cfg: Mapping | None = None) -> dict:
