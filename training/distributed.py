@@ -54,15 +54,6 @@ class _GatherWithGrad(torch.autograd.Function):
         return stacked[dist.get_rank()]
 
 
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank along dim 0 without gradient (targets, labels)."""
-    if not is_distributed():
-        return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out, dim=0)
-
-
 def local_targets(n_local: int, device=None) -> torch.Tensor:
     """Indices of this rank's positives among the gathered columns."""
     rank, _ = world_info()

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["IMPROVED_DEFAULTS", "ImprovedCLIP", "ImprovedEmbedder", "StrongProjector",
-           "create_improved_clip", "find_resblocks", "should_sync_batchnorm", "to_sync_batchnorm"]
+           "find_resblocks", "should_sync_batchnorm", "to_sync_batchnorm"]
 
 IMPROVED_DEFAULTS = {
     "proj_dim": 256,
@@ -417,23 +417,6 @@ class ImprovedEmbedder:
             pooled = self.model.text_tower(tokens.to(self._device()))
             return {"weak": F.normalize(self.model.text_proj(pooled), dim=-1),
                     "strong": F.normalize(self.model.text_proj_strong(pooled), dim=-1)}
-
-
-def create_improved_clip(arch: str, cfg: Mapping | None = None, init_checkpoint: str | None = None,
-                         **kwargs):
-    """``(ImprovedCLIP, preprocess_val, tokenizer)`` for an open_clip architecture name
-    (random weights, or the open_clip towers from a local checkpoint; nothing is downloaded)."""
-    import open_clip
-
-    from training.model import create_clip, register_model_configs
-
-    register_model_configs()
-    clip = create_clip(arch, init_checkpoint=init_checkpoint, **kwargs)
-    pp = open_clip.get_model_preprocess_cfg(clip)
-    preprocess = open_clip.image_transform(pp["size"], is_train=False, mean=pp["mean"],
-                                           std=pp["std"], interpolation=pp.get("interpolation"),
-                                           resize_mode=pp.get("resize_mode"))
-    return ImprovedCLIP(clip, cfg, arch=arch), preprocess, open_clip.get_tokenizer(arch)
 
 
 def should_sync_batchnorm(mode="auto") -> bool:

@@ -28,7 +28,7 @@ from typing import Callable
 from torch import nn
 
 RECIPES: dict[str, type] = {}
-# modules imported on first use of a name that is not registered yet (later issues add theirs)
+# modules imported on first use of a name that is not registered yet (a new recipe adds its own)
 RECIPE_MODULES = {"diht": "training.recipe_diht", "improved": "training.recipe_improved"}
 
 

@@ -149,7 +149,3 @@ def user_error(exc) -> None:
     """Exit for a user mistake: ``error: ...`` in one line on stderr, exit code 2 (as argparse)."""
     print(f"error: {exc}", file=sys.stderr)
     raise SystemExit(2) from None
-
-
-def dump(config: Mapping) -> str:
-    return yaml.safe_dump(dict(config), sort_keys=False)

@@ -48,16 +48,6 @@ def load_english(model: str = "en_core_web_sm", components: Iterable[str] | None
     )
 
 
-def model_info(nlp) -> dict:
-    meta = nlp.meta
-    return {
-        "name": f"{meta.get('lang', 'en')}_{meta.get('name', '?')}",
-        "version": meta.get("version"),
-        "spacy_version": meta.get("spacy_version"),
-        "components": list(nlp.pipe_names),
-    }
-
-
 # --- caption-parse definitions ---------------------------------------------------------------
 
 OBJECT_POS = {"NOUN", "PROPN"}
