@@ -31,10 +31,17 @@ def noisy():
     log.warning("Failed to query Ray Train Controller actor state. State API may be unavailable.")
     log.warning("Failed to clean up placement group: a real cleaner failure")
     warnings.warn("a real problem in a worker")
+    logging.getLogger().setLevel(logging.INFO)  # as in Ray Train's workers
+    import open_clip
+    open_clip.get_tokenizer("RN50")  # logs "Parsing tokenizer identifier ..." at INFO
+    logging.info("an info line of the job's own")
     return 1
 
 ray.get(noisy.remote())
 logging.getLogger("ray.data._internal.progress").warning("Progress bars disabled. To enable ...")
+executor = logging.getLogger("ray.data._internal.execution.streaming_executor")
+executor.info("\u2714\ufe0f  Dataset train_7 execution finished in 1.17 seconds")
+executor.warning("\u26a0\ufe0f  Dataset train_8 execution failed")
 warnings.warn("a real problem in the driver")
 time.sleep(3)  # worker output reaches the driver asynchronously
 ray.shutdown()
@@ -49,9 +56,10 @@ def test_harmless_warnings_are_filtered_in_driver_and_workers_real_ones_show(tmp
     assert proc.returncode == 0, out[-3000:]
     # real warnings show, from the worker (so its output did reach the driver) and the driver
     assert "a real problem in a worker" in out and "a real problem in the driver" in out, out[-3000:]
-    assert "a real cleaner failure" in out, out[-3000:]
+    assert "a real cleaner failure" in out and "Dataset train_8 execution failed" in out, out[-3000:]
+    assert "an info line of the job's own" in out, out[-3000:]
     for harmless in ("pin_memory", "quantize_per_tensor", "Failed to query Ray Train Controller",
-                     "Progress bars disabled"):
+                     "Progress bars disabled", "Dataset train_7", "Parsing tokenizer identifier"):
         assert harmless not in out, f"{harmless!r} was not filtered:\n{out[-3000:]}"
 
 

@@ -301,7 +301,7 @@ def build_dataset(data_cfg: dict, transform: Callable, *, shuffle_files: bool = 
                                   override_num_blocks=data_cfg.get("read_blocks") or len(paths),
                                   # Ray Data's default is 1 CPU per read task: on nodes whose
                                   # CPUs are partly held by training workers it would never run
-                                  ray_remote_args={"num_cpus": float(data_cfg["num_cpus"])})
+                                  num_cpus=float(data_cfg["num_cpus"]))
     if deterministic:
         ds.context.execution_options.preserve_order = True
     if not data_cfg.get("op_resource_reservation", True):

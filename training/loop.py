@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -102,7 +103,9 @@ class MetricsLogger:
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
+                    # TensorBoard tag names allow [A-Za-z0-9_./-]: recall@1 becomes recall_1 (as
+                    # tensorboardX would, with a warning line per tag)
+                    self.tb.add_scalar(re.sub(r"[^A-Za-z0-9_./-]", "_", k), v, step)
             self.tb.flush()
         if progress and "train/loss" in metrics:
             self.print(f"step {step}/{metrics.get('total_steps', '?')} epoch {metrics.get('epoch', 0)} "

@@ -23,6 +23,8 @@ HARMLESS_WARNINGS = (
     ("'pin_memory' argument is set as true but no accelerator is found", UserWarning),
     # EasyOCR quantizes its recognizer for CPU with torch's (deprecated) quantized tensors
     ("torch.quantize_per_tensor, torch.quantize_per_channel and other quantized tensor", UserWarning),
+    # Ray Train's own data setup still sets this option of Ray Data
+    ("`ExecutionOptions.exclude_resources` is deprecated", DeprecationWarning),
 )
 
 # logger name -> message starts: log records from third-party loggers
@@ -33,7 +35,14 @@ HARMLESS_LOGS = {
     # at every poll that fails while the cluster is busy or shutting down; it keeps monitoring
     "ray.train.v2._internal.execution.controller.placement_group_cleaner": (
         "Failed to query Ray Train Controller actor state",),
+    # one line per dataset run: in training, one per epoch (a failed run's line still shows)
+    "ray.data._internal.execution.streaming_executor": ("\u2714\ufe0f  Dataset ",),
 }
+
+# open_clip logs its model-creation steps at INFO on the root logger ("Parsing model identifier",
+# "Loaded built-in ... config", "Model ... creation process complete", ...), which Ray Train's
+# workers print; its warnings and errors still show
+QUIET_INFO_FROM = ("open_clip",)
 
 
 class _DropMessages(logging.Filter):
@@ -49,6 +58,16 @@ class _DropMessages(logging.Filter):
         return not message.startswith(self.starts)
 
 
+class _DropInfoFrom(logging.Filter):
+    def __init__(self, packages: tuple[str, ...]):
+        super().__init__()
+        self.parts = tuple(f"{p}/" for p in packages)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        path = record.pathname.replace("\\", "/")
+        return record.levelno >= logging.WARNING or not any(part in path for part in self.parts)
+
+
 def quiet_known_noise() -> None:
     """Install the filters in this process (idempotent)."""
     for start, category in HARMLESS_WARNINGS:
@@ -57,3 +76,6 @@ def quiet_known_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(starts))
+    root = logging.getLogger()
+    if not any(isinstance(f, _DropInfoFrom) for f in root.filters):
+        root.addFilter(_DropInfoFrom(QUIET_INFO_FROM))
