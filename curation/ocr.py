@@ -158,6 +158,14 @@ class SpotResult:
     rule: str | None = None
 
 
+def make_spotter(cfg: TextSpottingConfig, max_pixels: int = DEFAULT_MAX_PIXELS, gpu: bool = False,
+                 threads: int | None = None, ocr_batch_size: int = 16) -> "TextSpotter":
+    """What an OCR actor holds: torch (or ONNX Runtime) threads set, the backend built once."""
+    set_torch_threads(threads)
+    backend = cfg.make_backend(gpu=gpu, batch_size=ocr_batch_size, threads=threads)
+    return TextSpotter(cfg, backend, max_pixels=max_pixels)
+
+
 class TextSpotter:
     """Decode, OCR and score a batch of samples (built once per Ray actor)."""
 

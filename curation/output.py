@@ -42,64 +42,66 @@ from webdataset import TarWriter
 
 from curation.ingest import DROPPED, ERROR, KEPT, NOT_DOWNLOADED, PENDING, SHARD_END
 from curation.common.storage import is_remote
+from curation.filters import (EVALUATED, NOT_EVALUATED, OFF, Filter, default_filters,  # noqa: F401
+                               filter_columns)
 from curation.images import TRAINABLE_FORMATS
 
-FILTERS = ("complexity", "action", "text_spotting")
+# A filter's status column (text_spotting_status): EVALUATED when it scored the sample (kept or
+# dropped), NOT_EVALUATED when the cascade skipped it, OFF when the filter is off; null for errors
+# and failed downloads. EVALUATED, NOT_EVALUATED and OFF are imported from here by the readers.
 
-# text_spotting_status of an evaluated sample (kept or dropped); null for errors and failed downloads
-EVALUATED = "evaluated"          # OCR ran: ocr_text, ocr_boxes, text_overlap, passed_text_spotting set
-NOT_EVALUATED = "not_evaluated"  # the cascade skipped it: it had already failed C or A
-OFF = "off"                      # filters.text_spotting.enabled is false
-
-STATS_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("shard", pa.string()),
-    ("url", pa.string()),
-    ("caption", pa.string()),
-    ("status", pa.string()),
-    ("drop_reason", pa.string()),
-    ("error", pa.string()),
-    ("complexity", pa.int32()),
-    ("num_actions", pa.int32()),
-    ("passed_complexity", pa.bool_()),
-    ("passed_action", pa.bool_()),
-    ("ocr_text", pa.string()),
-    ("ocr_boxes", pa.int32()),
-    ("text_overlap", pa.float32()),
-    ("passed_text_spotting", pa.bool_()),
-    ("text_spotting_status", pa.string()),
-    ("ocr_engine", pa.string()),     # evaluated samples: what decided (ppocr, easyocr, ...),
-    ("ocr_side", pa.int32()),        # the detector's longest side (at most)
-    ("text_rule", pa.string()),      # and the drop rule (e.g. partial>=0.4)
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("image_format", pa.string()),
-    ("image_bytes", pa.int64()),
-])
-SCORE_COLUMNS = ("complexity", "num_actions", "ocr_text", "ocr_boxes", "text_overlap")
+BASE_COLUMNS = [("key", pa.string()), ("shard", pa.string()), ("url", pa.string()),
+                ("caption", pa.string()), ("status", pa.string()), ("drop_reason", pa.string()),
+                ("error", pa.string())]
+IMAGE_COLUMNS = [("width", pa.int32()), ("height", pa.int32()), ("image_format", pa.string()),
+                 ("image_bytes", pa.int64())]
 
 
-def decide(rows: pa.Table) -> pa.Table:
-    """Final status and drop reason of each sample, as a table in :data:`STATS_SCHEMA`.
+def stats_schema(filters: list[Filter] | None = None) -> pa.Schema:
+    """One stats row per input sample: the sample, each filter's columns (cascade order; see
+    :func:`curation.filters.filter_columns`), the image's size and format. ``filters``: the job's
+    cascade (None: every registered filter)."""
+    filters = default_filters() if filters is None else filters
+    return pa.schema(BASE_COLUMNS + filter_columns(filters) + IMAGE_COLUMNS)
 
-    A pending sample is dropped by the first filter (in C, A, T order) whose ``passed_*`` is
+
+def score_columns(filters: list[Filter] | None = None) -> tuple[str, ...]:
+    """The score columns a kept sample's json carries under ``cat``."""
+    filters = default_filters() if filters is None else filters
+    return tuple(c for f in filters for c, _ in f.scores)
+
+
+# The CAT filters' names, stats and sample-json scores (the registered filters at import time:
+# complexity, action, text_spotting)
+FILTERS = tuple(f.name for f in default_filters())
+STATS_SCHEMA = stats_schema()
+SCORE_COLUMNS = score_columns()
+
+
+def decide(rows: pa.Table, filters: list[Filter] | None = None) -> pa.Table:
+    """Final status and drop reason of each sample, as a table in :func:`stats_schema`.
+
+    A pending sample is dropped by the first filter (in cascade order) whose ``passed_*`` is
     False; a filter that is off or was not evaluated (None) does not drop. A pending sample that
-    no text-spotting stage saw gets ``text_spotting_status`` "off".
+    a filter with a status column never saw gets "off" there.
     """
-    records = decide_records(rows.to_pylist())
+    records = decide_records(rows.to_pylist(), filters)
     records.sort(key=lambda r: (r["key"] is None, r["key"] or ""))
-    return pa.Table.from_pylist(records, schema=STATS_SCHEMA)
+    return pa.Table.from_pylist(records, schema=stats_schema(filters))
 
 
-def decide_records(records: list[dict]) -> list[dict]:
+def decide_records(records: list[dict], filters: list[Filter] | None = None) -> list[dict]:
     """:func:`decide` on row dicts, in place and in order (other fields are kept)."""
+    filters = default_filters() if filters is None else filters
+    status_columns = [f.status_column for f in filters if f.status_column]
     for r in records:
         r.setdefault("drop_reason", None)
         if r["status"] != PENDING:
             continue
-        if r.get("text_spotting_status") is None:
-            r["text_spotting_status"] = OFF
-        reason = next((f for f in FILTERS if r.get(f"passed_{f}") is False), None)
+        for col in status_columns:
+            if r.get(col) is None:
+                r[col] = OFF
+        reason = next((f.name for f in filters if r.get(f.verdict) is False), None)
         r["status"], r["drop_reason"] = (DROPPED, reason) if reason else (KEPT, None)
     return records
 
@@ -189,7 +191,7 @@ class OutputFolder:
         files = (self.stats_files() if names is None
                  else [self.path("stats", f"{n}.parquet") for n in names])
         if not files:
-            return STATS_SCHEMA.empty_table()
+            return stats_schema().empty_table()
         tables = []
         for p in files:
             with self.fs.open(p, "rb") as f:
@@ -216,7 +218,8 @@ class OutputFolder:
 
 # --- writing one shard from parts (runs in Ray workers) -----------------------------------------
 
-def _sample_json(original: bytes | None, stats_row: dict, extra: dict | None = None) -> bytes:
+def _sample_json(original: bytes | None, stats_row: dict, extra: dict | None = None,
+                 scores: tuple[str, ...] = SCORE_COLUMNS) -> bytes:
     meta = {}
     if original:
         try:
@@ -225,7 +228,7 @@ def _sample_json(original: bytes | None, stats_row: dict, extra: dict | None = N
             meta = {"original_json_error": "unparseable json in the input sample"}
         if not isinstance(meta, dict):
             meta = {"original_json_error": "the input sample's json is not an object"}
-    meta["cat"] = {k: stats_row[k] for k in SCORE_COLUMNS if stats_row.get(k) is not None}
+    meta["cat"] = {k: stats_row[k] for k in scores if stats_row.get(k) is not None}
     meta.update(extra or {})
     try:
         return json.dumps(meta, ensure_ascii=False).encode("utf-8")
@@ -246,17 +249,17 @@ def to_png(data: bytes) -> bytes:
     return out.getvalue()
 
 
-def kept_sample(row: dict) -> dict:
+def kept_sample(row: dict, scores: tuple[str, ...] = SCORE_COLUMNS) -> dict:
     """The webdataset sample written for a kept row: its original image bytes (converted once to
     PNG when open_clip_train could not read its format), the caption it was judged on, and the
-    original metadata with the CAT scores added under ``cat``."""
+    original metadata with the filters' ``scores`` added under ``cat``."""
     ext, image = (row["image_format"] or "").lower(), row["image"]
     extra = {}
     if ext not in TRAINABLE_FORMATS:
         image, extra = to_png(image), {"original_image_format": ext}
         ext = "png"
     return {"__key__": row["key"], ext: image, "txt": row["caption"].encode("utf-8"),
-            "json": _sample_json(row.get("meta_json"), row, extra)}
+            "json": _sample_json(row.get("meta_json"), row, extra, scores)}
 
 
 def part_name(rows: list[dict]) -> str:
@@ -271,10 +274,13 @@ def part_name(rows: list[dict]) -> str:
     return f"{min(idx):09d}-{max(idx):09d}"
 
 
-def write_part(out: OutputFolder, shard: str, records: list[dict]) -> str:
+def write_part(out: OutputFolder, shard: str, records: list[dict],
+               filters: list[Filter] | None = None) -> str:
     """Decide one block of a shard's rows and write it as a part: the kept samples as a tar,
     then the stats rows as parquet (the part exists once its parquet does). Returns its name."""
-    records = decide_records(records)
+    filters = default_filters() if filters is None else filters
+    records = decide_records(records, filters)
+    scores = score_columns(filters)
     records.sort(key=lambda r: (r.get("row_index") is None, r.get("row_index") or 0))
     name = part_name(records)
     folder = out.path(out.PARTS, shard)
@@ -283,10 +289,10 @@ def write_part(out: OutputFolder, shard: str, records: list[dict]) -> str:
     with TarWriter(buf, encoder=False, mtime=0.0) as sink:
         for r in records:
             if r["status"] == KEPT:
-                sink.write(kept_sample(r))
+                sink.write(kept_sample(r, scores))
     with out.fs.open(posixpath.join(folder, f"{name}.tar"), "wb") as f:
         f.write(buf.getvalue())
-    table = pa.Table.from_pylist(records, schema=STATS_SCHEMA)
+    table = pa.Table.from_pylist(records, schema=stats_schema(filters))
     pbuf = io.BytesIO()
     pq.write_table(table, pbuf)
     with out.fs.open(posixpath.join(folder, f"{name}.parquet"), "wb") as f:
@@ -305,7 +311,8 @@ def _copy_tar_members(src, sink: tarfile.TarFile) -> int:
 
 
 def finalize_shard(out: OutputFolder, shard: str, expected_rows: int,
-                   nodes: dict | None = None, notes: str | None = None) -> dict:
+                   nodes: dict | None = None, notes: str | None = None,
+                   filters: list[Filter] | None = None) -> dict:
     """Concatenate a complete shard's parts into ``shards/NAME.tar``, write its summary, then
     commit ``stats/NAME.parquet``; remove the parts. Returns the shard's summary."""
     folder = out.path(out.PARTS, shard)
@@ -314,7 +321,7 @@ def finalize_shard(out: OutputFolder, shard: str, expected_rows: int,
     for n in names:
         with out.fs.open(posixpath.join(folder, f"{n}.parquet"), "rb") as f:
             tables.append(pq.read_table(f))
-    stats = (pa.concat_tables(tables) if tables else STATS_SCHEMA.empty_table())
+    stats = (pa.concat_tables(tables) if tables else stats_schema(filters).empty_table())
     if stats.num_rows != expected_rows:
         raise RuntimeError(f"shard {shard}: {stats.num_rows} rows in its parts, {expected_rows} "
                            "read from the input")
@@ -333,7 +340,7 @@ def finalize_shard(out: OutputFolder, shard: str, expected_rows: int,
     if not out.remote:
         out.fs.mv(target, tar_final)
     tar_bytes = out.fs.size(tar_final)
-    summary = shard_summary(shard, stats, tar_bytes=tar_bytes)
+    summary = shard_summary(shard, stats, tar_bytes=tar_bytes, filters=filters)
     if nodes:
         summary["nodes"] = nodes  # which Ray nodes read and finalized it
     if notes:
@@ -351,19 +358,20 @@ def finalize_shard(out: OutputFolder, shard: str, expected_rows: int,
     return summary
 
 
-def write_shard(name: str, rows: pa.Table, out_url: str) -> dict:
+def write_shard(name: str, rows: pa.Table, out_url: str, filters: list[Filter] | None = None) -> dict:
     """Write and commit one whole shard from its rows (with ``image`` and ``meta_json`` for the
     samples that may be kept), without Ray: one part, then :func:`finalize_shard`."""
     out = OutputFolder(out_url)
     records = [r for r in rows.to_pylist() if r.get("status") != SHARD_END]
     if records:
-        write_part(out, name, records)
-    return finalize_shard(out, name, len(records))
+        write_part(out, name, records, filters)
+    return finalize_shard(out, name, len(records), filters=filters)
 
 
-def shard_summary(shard: str, stats: pa.Table, tar_bytes: int | None) -> dict:
+def shard_summary(shard: str, stats: pa.Table, tar_bytes: int | None,
+                  filters: list[Filter] | None = None) -> dict:
     """A committed shard's counts: its funnel, kept samples, bytes of its tar and kept images."""
-    f = funnel(stats)
+    f = funnel(stats, filters)
     kept_mask = pc.equal(stats["status"], KEPT)
     image_bytes = pc.sum(pc.if_else(kept_mask, stats["image_bytes"], 0)).as_py() if stats.num_rows else 0
     return {"shard": shard, "rows": stats.num_rows, "kept": f["kept"], "funnel": f,
@@ -382,7 +390,8 @@ def add_funnels(total: dict | None, f: dict) -> dict:
     return total
 
 
-def aggregate(out: OutputFolder, names: Iterable[str]) -> tuple[dict, dict[str, int], dict]:
+def aggregate(out: OutputFolder, names: Iterable[str],
+              filters: list[Filter] | None = None) -> tuple[dict, dict[str, int], dict]:
     """``(funnel, sizes, totals)`` over the committed shards, from their per-shard summaries:
     memory and time grow with the number of shards only."""
     total, sizes_, totals = None, {}, {"shards": 0, "tar_bytes": 0, "kept_image_bytes": 0}
@@ -392,11 +401,13 @@ def aggregate(out: OutputFolder, names: Iterable[str]) -> tuple[dict, dict[str, 
         totals["shards"] += 1
         totals["tar_bytes"] += int(s.get("tar_bytes") or 0)
         totals["kept_image_bytes"] += int(s.get("kept_image_bytes") or 0)
-    return (total if total is not None else funnel(STATS_SCHEMA.empty_table())), sizes_, totals
+    empty = funnel(stats_schema(filters).empty_table(), filters)
+    return (total if total is not None else empty), sizes_, totals
 
 
-def funnel(stats: pa.Table) -> dict:
+def funnel(stats: pa.Table, filters: list[Filter] | None = None) -> dict:
     """The curation funnel over a stats table (all committed shards)."""
+    filters = default_filters() if filters is None else filters
     status = stats["status"]
 
     def count(mask) -> int:
@@ -412,26 +423,26 @@ def funnel(stats: pa.Table) -> dict:
     }
     # Passed each filter, cumulatively in cascade order (a disabled filter passes everything).
     alive = evaluated
-    for f in FILTERS:
-        col = stats[f"passed_{f}"]
-        alive = pc.and_(alive, pc.fill_null(col, True))
-        out[f"passed_{f}"] = count(alive)
-    if "text_spotting_status" in stats.column_names:  # absent in stats written before it existed
-        out["text_spotting_evaluated"] = count(pc.equal(stats["text_spotting_status"], EVALUATED))
+    for f in filters:
+        alive = pc.and_(alive, pc.fill_null(stats[f.verdict], True))
+        out[f.verdict] = count(alive)
+    for f in filters:  # a status column is absent in stats written before it existed
+        if f.status_column and f.status_column in stats.column_names:
+            out[f"{f.name}_evaluated"] = count(pc.equal(stats[f.status_column], EVALUATED))
     out["kept"] = count(pc.equal(status, KEPT))
-    out["dropped"] = {f: count(pc.equal(stats["drop_reason"], f)) for f in FILTERS}
+    out["dropped"] = {f.name: count(pc.equal(stats["drop_reason"], f.name)) for f in filters}
     return out
 
 
+def funnel_rows(f: dict) -> list[tuple[str, int]]:
+    """The funnel's stages as (label, samples): one ``passed <filter>`` row per filter, in
+    cascade order (the order of ``passed_*`` in ``f``)."""
+    rows = [("input samples", f["input"]), ("not downloaded", f["not_downloaded"]),
+            ("errors", f["errors"]), ("evaluated", f["evaluated"])]
+    rows += [("passed " + k[len("passed_"):].replace("_", " "), v) for k, v in f.items()
+             if k.startswith("passed_")]
+    return rows + [("kept", f["kept"])]
+
+
 def format_funnel(f: dict) -> str:
-    lines = [
-        f"  input samples        {f['input']:>9}",
-        f"  not downloaded       {f['not_downloaded']:>9}",
-        f"  errors               {f['errors']:>9}",
-        f"  evaluated            {f['evaluated']:>9}",
-        f"  passed complexity    {f['passed_complexity']:>9}",
-        f"  passed action        {f['passed_action']:>9}",
-        f"  passed text spotting {f['passed_text_spotting']:>9}",
-        f"  kept                 {f['kept']:>9}",
-    ]
-    return "\n".join(lines)
+    return "\n".join(f"  {label:<20} {n:>9}" for label, n in funnel_rows(f))

@@ -5,12 +5,15 @@ Stages (each one's parallelism and resources come from the config's ``stages`` s
 1. **read** (Ray tasks, one per pending input shard): stream the shard's samples as Arrow
    blocks, validating captions and image bytes; one marker row closes each shard. Ray Data fuses
    it into the caption actors.
-2. **caption** (actor pool; spaCy loaded once per actor): Complexity and Action scores.
-3. **ocr** (actor pool; the OCR reader built once per actor, on CPU or on ``num_gpus`` per
-   actor): Text spotting, by default only for samples that passed C and A (the cascade;
-   ``filters.text_spotting.evaluate_all`` runs it on every sample). Each stage drops the image
-   bytes of the samples it rejects, so only kept samples' bytes travel on.
-4. **write** (Ray tasks): each block of decided rows becomes a part of its shard under
+2. **the filters** (:mod:`curation.filters`), one stage per filter of the config's ``filters:``
+   in its order, adjacent filters with the same stage key sharing one (:class:`FilterStage`,
+   an actor pool, or Ray tasks with ``actors: 0``). Each stage scores only the samples that no
+   earlier filter dropped (every pending one with the filter's ``evaluate_all``) and drops the
+   image bytes of the samples that cannot be kept any more, so only those travel on. The CAT
+   filters make two: **caption** (spaCy loaded once per actor; one parse gives Complexity and
+   Action) and **ocr** (the OCR reader built once per actor, on CPU or on ``num_gpus`` per
+   actor): Text spotting, by default only for samples that passed C and A.
+3. **write** (Ray tasks): each block of decided rows becomes a part of its shard under
    ``_tmp/parts/``; a small tracker actor counts each shard's rows against the reader's marker,
    and the task whose part completes a shard finalizes it (``shards/NAME.tar``, its summary,
    then the commit, ``stats/NAME.parquet``). See :mod:`curation.output`.
@@ -23,15 +26,16 @@ img2dataset's output also names the curated shards.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 
 import pyarrow as pa
 
-from curation.caption_filters import CaptionFilterConfig, CaptionScorer
+from curation.filters import Filter, TextSpottingFilter, build_filters, ocr_rows_per_call, stage_groups
 from curation.ingest import (ERROR, PENDING, SHARD_END, SHARD_FAILED, IngestOptions, InputError, InputShard,
                              discover_shards, read_shard)
-from curation.ocr import TextSpotter, TextSpottingConfig, set_torch_threads
+from curation.ocr import TextSpotter, TextSpottingConfig, make_spotter
 from curation.output import (EVALUATED, NOT_EVALUATED, OutputFolder, aggregate, finalize_shard,
                              format_funnel, write_part)
 from curation.common.jobs import init_ray, versions, warn_local_paths_on_cluster
@@ -62,33 +66,13 @@ def read_shards_batch(batch: pa.Table, opts: IngestOptions, storage: Storage | N
             yield table
 
 
-def add_caption_scores(batch: pa.Table, scorer: CaptionScorer) -> pa.Table:
-    """Score the pending rows of a block; other rows get nulls."""
-    status = batch["status"].to_pylist()
-    idx = [i for i, s in enumerate(status) if s == PENDING]
-    captions = batch["caption"].to_pylist()
-    scores = scorer.score([captions[i] for i in idx])
-    n = batch.num_rows
-    cols = {name: [None] * n for name in ("complexity", "num_actions", "passed_complexity", "passed_action")}
-    for j, i in enumerate(idx):
-        cols["complexity"][i] = scores.complexity[j]
-        cols["num_actions"][i] = scores.num_actions[j]
-        cols["passed_complexity"][i] = scores.passed_complexity[j]
-        cols["passed_action"][i] = scores.passed_action[j]
-    batch = batch.append_column("complexity", pa.array(cols["complexity"], pa.int32()))
-    batch = batch.append_column("num_actions", pa.array(cols["num_actions"], pa.int32()))
-    batch = batch.append_column("passed_complexity", pa.array(cols["passed_complexity"], pa.bool_()))
-    return batch.append_column("passed_action", pa.array(cols["passed_action"], pa.bool_()))
-
-
 PAYLOAD = ("image", "meta_json")  # what only a sample that may still be kept needs
 
 
 def still_alive(batch: pa.Table) -> list[bool]:
     """Rows that may still be kept: pending, and no filter scored so far said no."""
     status = batch["status"].to_pylist()
-    verdicts = [batch[c].to_pylist() for c in ("passed_complexity", "passed_action",
-                                                "passed_text_spotting") if c in batch.column_names]
+    verdicts = [batch[c].to_pylist() for c in batch.column_names if c.startswith("passed_")]
     return [s == PENDING and all(v[i] is not False for v in verdicts) for i, s in enumerate(status)]
 
 
@@ -103,80 +87,133 @@ def prune_payload(batch: pa.Table, keep: list[bool]) -> pa.Table:
     return batch
 
 
-class CaptionFilterStage:
-    """Ray Data actor: loads the spaCy pipeline once, then scores blocks of captions."""
+def rows_to_score(batch: pa.Table, evaluate_all: bool) -> list[int]:
+    """Rows a filter scores: the pending ones that no earlier filter dropped (all pending ones
+    with ``evaluate_all``)."""
+    if evaluate_all:
+        return [i for i, s in enumerate(batch["status"].to_pylist()) if s == PENDING]
+    return [i for i, alive in enumerate(still_alive(batch)) if alive]
+
+
+def score_stage(batch: pa.Table, filters: list[Filter], shared: dict, keep_payload: bool = False) -> pa.Table:
+    """One stage of the cascade on a block: each enabled filter scores the rows alive when the
+    block entered the stage (:func:`rows_to_score`) and adds its columns; a row it could not
+    score becomes a per-sample error. Then, unless ``keep_payload`` (a later filter scores every
+    pending row), the image bytes of the rows that cannot be kept any more are dropped."""
+    entry = {ev: rows_to_score(batch, ev) for ev in {f.evaluate_all for f in filters}}
+    memo: dict = {}
+    n = batch.num_rows
+    status, error = batch["status"].to_pylist(), batch["error"].to_pylist()
+    pending = [s == PENDING for s in status]
+    new_cols = []
+    for f in filters:
+        if not f.enabled:
+            continue
+        idx = entry[f.evaluate_all]
+        inputs = {c: batch[c].to_pylist() for c in f.inputs}
+        rows = [{c: inputs[c][i] for c in f.inputs} for i in idx]
+        scores = f.score(rows, shared, memo) if rows else {c: [] for c, _ in f.scores + f.details}
+        errors = scores.get("error") or [None] * len(idx)
+        ok = [j for j, e in enumerate(errors) if not e]
+        passed = f.keep({k: [v[j] for j in ok] for k, v in scores.items()}, [rows[j] for j in ok])
+        cols = {c: [None] * n for c, _ in f.scores + f.details}
+        verdict = [None] * n
+        state = [NOT_EVALUATED if p else None for p in pending]
+        for j, i in enumerate(idx):
+            if errors[j]:
+                status[i], error[i], state[i] = ERROR, errors[j], None
+                continue
+            state[i] = EVALUATED
+            for c in cols:
+                cols[c][i] = scores[c][j]
+        for j, p in zip(ok, passed):
+            verdict[idx[j]] = p
+        new_cols.append((f, cols, verdict, state))
+    batch = batch.set_column(batch.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
+    batch = batch.set_column(batch.schema.get_field_index("error"), "error", pa.array(error, pa.string()))
+    for f, cols, verdict, state in new_cols:
+        for c, typ in f.scores:
+            batch = batch.append_column(c, pa.array(cols[c], typ))
+    for f, cols, verdict, state in new_cols:
+        batch = batch.append_column(f.verdict, pa.array(verdict, pa.bool_()))
+    for f, cols, verdict, state in new_cols:
+        if f.status_column:
+            batch = batch.append_column(f.status_column, pa.array(state, pa.string()))
+    for f, cols, verdict, state in new_cols:
+        for c, typ in f.details:
+            batch = batch.append_column(c, pa.array(cols[c], typ))
+    return batch if keep_payload else prune_payload(batch, still_alive(batch))
+
+
+class FilterStage:
+    """Ray Data actor for one stage of the cascade: its filters' :meth:`~Filter.setup` once
+    (models loaded once per actor), then :func:`score_stage` on each block."""
+
+    def __init__(self, filters: list[Filter], keep_payload: bool = False, storage: Storage | None = None):
+        if storage is not None:
+            storage.apply()
+        self.filters, self.keep_payload, self.shared = filters, keep_payload, {}
+        for f in filters:
+            if f.enabled:
+                f.setup(self.shared)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return score_stage(batch, self.filters, self.shared, self.keep_payload)
+
+
+_TASK_SHARED: dict = {}  # a stage run as Ray tasks (``actors: 0``): set up once per worker process
+
+
+def filter_stage_task(batch: pa.Table, filters: list[Filter], keep_payload: bool, key: str,
+                      storage: Storage | None = None) -> pa.Table:
+    if storage is not None:
+        storage.apply()
+    if key not in _TASK_SHARED:
+        shared: dict = {}
+        for f in filters:
+            if f.enabled:
+                f.setup(shared)
+        _TASK_SHARED[key] = shared
+    return score_stage(batch, filters, _TASK_SHARED[key], keep_payload)
+
+
+class CaptionFilterStage(FilterStage):
+    """Ray Data actor: loads the spaCy pipeline once, then scores blocks of captions (C and A)."""
 
     def __init__(self, filters: dict, spacy_cfg: dict, ocr_all: bool = False,
                  storage: Storage | None = None):
-        if storage is not None:
-            storage.apply()
-        self.scorer = CaptionScorer(CaptionFilterConfig.from_config(filters),
-                                    model=spacy_cfg.get("model", "en_core_web_sm"),
-                                    batch_size=int(spacy_cfg.get("batch_size", 256)))
-        self.ocr_all = ocr_all  # the OCR stage needs every pending row's image
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        batch = add_caption_scores(batch, self.scorer)
-        if self.ocr_all:
-            return batch
-        return prune_payload(batch, still_alive(batch))
+        job = {"filters": filters, "spacy": spacy_cfg}
+        cascade = [f for f in build_filters(job) if f.stage_key == "caption"]
+        super().__init__(cascade, keep_payload=ocr_all, storage=storage)
 
 
 def needs_text_spotting(batch: pa.Table, evaluate_all: bool) -> list[int]:
     """Rows the T filter runs on: pending ones that passed C and A (or all pending ones)."""
-    status = batch["status"].to_pylist()
-    n = batch.num_rows
-    passed_c = batch["passed_complexity"].to_pylist() if "passed_complexity" in batch.column_names else [None] * n
-    passed_a = batch["passed_action"].to_pylist() if "passed_action" in batch.column_names else [None] * n
-    return [i for i in range(n) if status[i] == PENDING
-            and (evaluate_all or (passed_c[i] is not False and passed_a[i] is not False))]
+    return rows_to_score(batch, evaluate_all)
 
 
 def add_text_spotting(batch: pa.Table, spotter: TextSpotter) -> pa.Table:
     """OCR the rows that need it; record the others as not evaluated; drop the image bytes of
-    the rows that cannot be kept.
+    the rows that cannot be kept (the T stage with a given spotter).
 
     An image that cannot be decoded for OCR turns its row into a per-sample error.
     """
-    idx = needs_text_spotting(batch, spotter.cfg.evaluate_all)
-    images, captions = batch["image"].to_pylist(), batch["caption"].to_pylist()
-    results = spotter.spot([images[i] for i in idx], [captions[i] for i in idx])
-    n = batch.num_rows
-    status, error = batch["status"].to_pylist(), batch["error"].to_pylist()
-    cols = {name: [None] * n for name in ("ocr_text", "ocr_boxes", "text_overlap",
-                                          "passed_text_spotting", "ocr_engine", "ocr_side", "text_rule")}
-    ts_status = [NOT_EVALUATED if s == PENDING else None for s in status]
-    for i, r in zip(idx, results):
-        if r.error:
-            status[i], error[i], ts_status[i] = ERROR, r.error, None
-            continue
-        ts_status[i] = EVALUATED
-        cols["ocr_text"][i], cols["ocr_boxes"][i] = r.ocr_text, r.ocr_boxes
-        cols["text_overlap"][i], cols["passed_text_spotting"][i] = r.text_overlap, r.passed
-        cols["ocr_engine"][i], cols["ocr_side"][i], cols["text_rule"][i] = r.engine, r.side, r.rule
-    batch = batch.set_column(batch.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
-    batch = batch.set_column(batch.schema.get_field_index("error"), "error", pa.array(error, pa.string()))
-    for name, typ in (("ocr_text", pa.string()), ("ocr_boxes", pa.int32()),
-                      ("text_overlap", pa.float32()), ("passed_text_spotting", pa.bool_())):
-        batch = batch.append_column(name, pa.array(cols[name], typ))
-    batch = batch.append_column("text_spotting_status", pa.array(ts_status, pa.string()))
-    for name, typ in (("ocr_engine", pa.string()), ("ocr_side", pa.int32()), ("text_rule", pa.string())):
-        batch = batch.append_column(name, pa.array(cols[name], typ))
-    return prune_payload(batch, still_alive(batch))
+    f = TextSpottingFilter({"evaluate_all": spotter.cfg.evaluate_all})
+    f.ts = spotter.cfg
+    return score_stage(batch, [f], {"spotter": spotter})
 
 
 class TextSpottingStage:
     """Ray Data actor: builds the OCR reader once (torch threads set per actor), then spots text
-    in blocks of images."""
+    in blocks of images: the T stage with explicit settings, which the re-selection subclasses
+    (the CAT filter job's own T stage is a :class:`FilterStage`)."""
 
     def __init__(self, ts_cfg: dict, max_pixels: int, gpu: bool, torch_threads: int | None,
                  ocr_batch_size: int, storage: Storage | None = None):
         if storage is not None:
             storage.apply()
-        set_torch_threads(torch_threads)
-        cfg = TextSpottingConfig.from_config(ts_cfg)
-        backend = cfg.make_backend(gpu=gpu, batch_size=ocr_batch_size, threads=torch_threads)
-        self.spotter = TextSpotter(cfg, backend, max_pixels=max_pixels)
+        self.spotter = make_spotter(TextSpottingConfig.from_config(ts_cfg), max_pixels, gpu,
+                                    torch_threads, ocr_batch_size)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return add_text_spotting(batch, self.spotter)
@@ -186,8 +223,8 @@ class TextSpottingStage:
 
 
 def ocr_actor_count(ocr_stage: dict, caption_reserved: float) -> int:
-    """``stages.ocr.actors``, or when null as many as the cluster's CPUs (GPUs with num_gpus)
-    hold next to the caption actors."""
+    """``stages.ocr.actors`` (any stage's ``actors``), or when null as many as the cluster's CPUs
+    (GPUs with num_gpus) hold next to the other stages' actors (``caption_reserved`` CPUs)."""
     import ray
 
     if ocr_stage.get("actors"):
@@ -196,19 +233,6 @@ def ocr_actor_count(ocr_stage: dict, caption_reserved: float) -> int:
     if ocr_stage.get("num_gpus"):
         return max(1, int(res.get("GPU", 0) / float(ocr_stage["num_gpus"])))
     return max(1, int((res.get("CPU", 1) - caption_reserved) / float(ocr_stage["num_cpus"]) + 1e-9))
-
-
-CPU_OCR_ROWS, GPU_OCR_ROWS = 4, 64
-
-
-def ocr_rows_per_call(ocr_stage: dict) -> int:
-    """``stages.ocr.batch_size``, or when null: 4 images per call on CPU (EasyOCR reads them one
-    by one there, and small calls let the actors share the tail of a run evenly: with 16 per call,
-    24 images on 2 actors left one actor idle for a third of the run) and 64 on a GPU (batched
-    inference)."""
-    if ocr_stage.get("batch_size"):
-        return int(ocr_stage["batch_size"])
-    return GPU_OCR_ROWS if float(ocr_stage.get("num_gpus") or 0) > 0 else CPU_OCR_ROWS
 
 
 class ShardTracker:
@@ -255,7 +279,8 @@ class ShardTracker:
 RESULT_SCHEMA = pa.schema([("shard", pa.string()), ("summary", pa.string()), ("error", pa.string())])
 
 
-def write_blocks(batch: pa.Table, out_url: str, tracker, storage: Storage | None = None) -> pa.Table:
+def write_blocks(batch: pa.Table, out_url: str, tracker, storage: Storage | None = None,
+                 filters: list[Filter] | None = None) -> pa.Table:
     """Write stage (Ray task): one part per shard present in the block; finalize the shards this
     call completes. Returns one result row per finalized (or failed) shard, nothing per sample."""
     import json
@@ -279,19 +304,27 @@ def write_blocks(batch: pa.Table, out_url: str, tracker, storage: Storage | None
         expected, read_node, notes = ((marker["shard_rows"], marker.get("node"), marker.get("error"))
                                       if marker else (None, None, None))
         try:
-            part = write_part(out, shard, rows) if rows else None
+            part = write_part(out, shard, rows, filters) if rows else None
             complete = ray.get(tracker.add.remote(shard, part, len(rows), expected, read_node, notes))
             if complete is not None:
                 nodes = {"read": complete[1], "written": ray.get_runtime_context().get_node_id()}
-                summary = finalize_shard(out, shard, complete[0], nodes=nodes, notes=complete[2])
+                summary = finalize_shard(out, shard, complete[0], nodes=nodes, notes=complete[2],
+                                         filters=filters)
                 results.append({"shard": shard, "summary": json.dumps(summary), "error": None})
         except Exception as exc:  # noqa: BLE001 - the shard stays uncommitted; the job says so
             results.append({"shard": shard, "summary": None, "error": f"{type(exc).__name__}: {exc}"})
     return pa.Table.from_pylist(results, schema=RESULT_SCHEMA)
 
 
+def stage_settings(group: list[Filter], cfg: dict) -> dict:
+    """A stage's resources: its filters' defaults (:attr:`Filter.resources`) under the config's
+    ``stages.<stage>`` (e.g. ``stages.caption``, ``stages.ocr``)."""
+    return {**group[0].resources, **((cfg.get("stages") or {}).get(group[0].stage_key) or {})}
+
+
 def build_dataset(pending: list[InputShard], cfg: dict, out_url: str, tracker,
                   storage: Storage | None = None):
+    """read -> one stage per run of filters sharing a stage key, in cascade order -> write."""
     import ray
 
     stages, opts = cfg["stages"], IngestOptions.from_config(cfg["ingest"])
@@ -299,32 +332,39 @@ def build_dataset(pending: list[InputShard], cfg: dict, out_url: str, tracker,
     ctx.enable_progress_bars = bool(cfg.get("progress", True))
     if stages.get("wait_for_actors_s"):
         ctx.wait_for_min_actors_s = int(stages["wait_for_actors_s"])
-    cap_cfg = CaptionFilterConfig.from_config(cfg["filters"])
-    ts_cfg = TextSpottingConfig.from_config(cfg["filters"]["text_spotting"])
-    cs = stages["caption"]
-    # With the caption stage on, the read runs inside its actors: Ray Data fuses the two only when
-    # their resources are equal, and an unfused read task could wait forever for a CPU that the
-    # actor pools hold.
-    read_res = ({"num_cpus": cs["num_cpus"], "num_gpus": cs.get("num_gpus", 0)} if cap_cfg.enabled
+    filters = build_filters(cfg)
+    groups = [g for g in stage_groups(filters) if any(f.enabled for f in g)]
+    settings = [stage_settings(g, cfg) for g in groups]
+    # When the first stage is a fixed-size actor pool (the caption stage), the read runs inside
+    # its actors: Ray Data fuses the two only when their resources are equal, and an unfused read
+    # task could wait forever for a CPU that the actor pools hold.
+    fused = bool(settings) and bool(settings[0].get("actors"))
+    read_res = ({"num_cpus": settings[0]["num_cpus"], "num_gpus": settings[0].get("num_gpus", 0)} if fused
                 else {"num_cpus": stages["read"]["num_cpus"]})
+    reserved = 0.0 if fused else float(stages["read"]["num_cpus"])
+    reserved += sum(float(st["actors"]) * float(st["num_cpus"]) for st in settings if st.get("actors"))
     ds = ray.data.from_items([s.to_dict() for s in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(read_shards_batch, fn_kwargs={"opts": opts, "storage": storage},
                         batch_size=1, batch_format="pyarrow",
                         concurrency=stages["read"].get("concurrency"), **read_res)
-    reserved = 0.0 if cap_cfg.enabled else float(stages["read"]["num_cpus"])
-    if cap_cfg.enabled:
-        reserved = cs["actors"] * cs["num_cpus"]
-        ds = ds.map_batches(CaptionFilterStage,
-                            fn_constructor_kwargs={"filters": cfg["filters"], "spacy_cfg": cfg["spacy"],
-                                                   "ocr_all": ts_cfg.enabled and ts_cfg.evaluate_all,
+    for k, (group, st) in enumerate(zip(groups, settings)):
+        later = [f for g in groups[k + 1:] for f in g if f.enabled]
+        keep_payload = any(f.evaluate_all for f in later)  # a later stage needs every pending image
+        res = {"num_cpus": st["num_cpus"], "num_gpus": float(st.get("num_gpus") or 0)}
+        if st.get("actors") == 0:  # Ray tasks, set up once per worker process
+            key = json.dumps([[f.name, f.cfg] for f in group], sort_keys=True, default=str)
+            ds = ds.map_batches(filter_stage_task, fn_kwargs={"filters": group, "keep_payload": keep_payload,
+                                                              "key": key, "storage": storage},
+                                batch_size=group[0].batch_size(st), batch_format="pyarrow", **res)
+            continue
+        ds = ds.map_batches(FilterStage,
+                            fn_constructor_kwargs={"filters": group, "keep_payload": keep_payload,
                                                    "storage": storage},
-                            batch_size=cs["batch_size"], batch_format="pyarrow",
+                            batch_size=group[0].batch_size(st), batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(
-                                size=cs["actors"],
-                                max_tasks_in_flight_per_actor=cs.get("tasks_in_flight_per_actor")),
-                            num_cpus=cs["num_cpus"], num_gpus=cs.get("num_gpus", 0))
-    if ts_cfg.enabled:
-        ds = add_ocr_stage(ds, cfg, reserved, storage)
+                                size=ocr_actor_count(st, reserved),
+                                max_tasks_in_flight_per_actor=st.get("tasks_in_flight_per_actor")),
+                            **res)
     return add_write_stage(ds, cfg, out_url, tracker, storage)
 
 
@@ -352,7 +392,7 @@ def add_write_stage(ds, cfg: dict, out_url: str, tracker, storage: Storage | Non
     """The writer tasks (``stages.write``): parts, then each completed shard finalized."""
     ws = cfg["stages"]["write"]
     return ds.map_batches(write_blocks, fn_kwargs={"out_url": out_url, "tracker": tracker,
-                                                   "storage": storage},
+                                                   "storage": storage, "filters": build_filters(cfg)},
                           batch_size=None, batch_format="pyarrow", num_cpus=ws["num_cpus"],
                           concurrency=ws.get("concurrency"))
 
@@ -456,8 +496,7 @@ def curate(cfg: dict, log=print) -> dict:
 
     started = time.time()
     try:
-        TextSpottingConfig.from_config(cfg["filters"]["text_spotting"])
-        CaptionFilterConfig.from_config(cfg["filters"])
+        build_filters(cfg)
     except (ValueError, TypeError) as exc:  # a setting out of its allowed values
         raise SettingsError(str(exc)) from None
     storage = Storage.capture(cfg.get("storage_options")).apply()
@@ -527,7 +566,7 @@ def finish_job(out: OutputFolder, cfg: dict, input_url: str, input_shards: int, 
     (plus ``extra``), log the funnel, write the report; raise :class:`PipelineError` naming the
     failed shards. Returns the summary."""
     committed = out.committed()
-    total, sizes_, totals = aggregate(out, committed)
+    total, sizes_, totals = aggregate(out, committed, build_filters(cfg))
     summary = {
         "funnel": total,
         "shards": {"input": input_shards, "committed": len(committed), "failed": failures},

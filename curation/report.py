@@ -1,10 +1,11 @@
 """A self-contained HTML report of a curation output: ``OUTPUT/report.html``.
 
-It shows the funnel, histograms of complexity, actions and text overlap, a table of drop
-reasons and errors, and thumbnails of example kept and dropped pairs per reason with their
-captions and recognised text. Charts are inline SVG and thumbnails are ``data:`` URIs, so the
-file needs nothing else (no scripts, no network). The thumbnails are read back from the input
-shards named in ``summary.json``; when the input is gone the examples are listed without images.
+It shows the funnel, one histogram per filter (:attr:`curation.filters.Filter.histogram`:
+complexity, actions and text overlap for CAT), a table of drop reasons and errors, and
+thumbnails of example kept and dropped pairs per reason with their captions and recognised
+text. Charts are inline SVG and thumbnails are ``data:`` URIs, so the file needs nothing else
+(no scripts, no network). The thumbnails are read back from the input shards named in
+``summary.json``; when the input is gone the examples are listed without images.
 
 Memory stays bounded at any output size: the funnel adds up the per-shard summaries, the
 histograms and the reasons table are DuckDB aggregates streamed over ``stats/*.parquet`` (local,
@@ -27,11 +28,13 @@ import pyarrow.compute as pc
 
 from curation.images import BadImage, decode_rgb
 from curation.ingest import DROPPED, ERROR, KEPT, NOT_DOWNLOADED, IngestOptions, discover_shards, read_shard
-from curation.output import FILTERS, OutputFolder, aggregate
+from curation.filters import Filter, Histogram, build_filters, default_filters
+from curation.output import OutputFolder, aggregate, funnel_rows
 
 EXAMPLE_SHARDS = 8  # examples are drawn from at most this many shards' stats
-INT_CAPS = {"complexity": 6, "num_actions": 5}  # histogram caps ("N+" bins)
-OVERLAP_BINS = 10
+# the CAT filters' histograms: caps of the integer ones ("N+" bins), bins of the text overlap
+INT_CAPS = {f.histogram.column: f.histogram.cap for f in default_filters() if f.histogram.cap}
+OVERLAP_BINS = next(f.histogram.bins for f in default_filters() if f.histogram.column == "text_overlap")
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
@@ -129,11 +132,12 @@ def thumbnail_uri(image: bytes, side: int = 176) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def pick_examples(stats: pa.Table, per_group: int, seed: int = 0) -> dict[str, list[dict]]:
+def pick_examples(stats: pa.Table, per_group: int, seed: int = 0,
+                  filters: Sequence[Filter] | None = None) -> dict[str, list[dict]]:
     """Up to ``per_group`` rows drawn at random (seeded) for: kept, each drop reason, errors,
     failed downloads."""
     groups = {"kept": pc.equal(stats["status"], KEPT)}
-    for f in FILTERS:
+    for f in (f.name for f in (default_filters() if filters is None else filters)):
         groups[f"dropped: {f}"] = pc.and_(pc.equal(stats["status"], DROPPED),
                                           pc.equal(stats["drop_reason"], f))
     groups["error"] = pc.equal(stats["status"], ERROR)
@@ -201,13 +205,26 @@ def stats_connection(out: OutputFolder, any_committed: bool):
     return con, source
 
 
-def stats_aggregates(out: OutputFolder, any_committed: bool | None = None) -> dict:
+def _empty_histogram(h: Histogram) -> tuple[list[str], list[int]]:
+    return int_histogram([], h.cap) if h.cap else float_histogram([], h.bins)
+
+
+def _bin_sql(h: Histogram) -> str:
+    """The DuckDB expression of :func:`int_histogram` / :func:`float_histogram`'s bin."""
+    if h.cap:
+        return f"least({h.column}, {h.cap})"
+    return f"least(CAST(floor(CAST({h.column} AS DOUBLE) * {h.bins}) AS INTEGER), {h.bins - 1})"
+
+
+def stats_aggregates(out: OutputFolder, any_committed: bool | None = None,
+                     filters: Sequence[Filter] | None = None) -> dict:
     """Histograms (the same bins as :func:`int_histogram` / :func:`float_histogram`) of the
-    evaluated samples, the same split into kept and dropped (``split``), and the drop-reason /
+    evaluated samples, one per filter's :attr:`~curation.filters.Filter.histogram` under its
+    column's name, the same split into kept and dropped (``split``), and the drop-reason /
     error counts, streamed by DuckDB."""
-    empty = {"complexity": int_histogram([], INT_CAPS["complexity"]),
-             "num_actions": int_histogram([], INT_CAPS["num_actions"]),
-             "text_overlap": float_histogram([], OVERLAP_BINS), "reasons": {}, "split": {}}
+    hists = [f.histogram for f in (default_filters() if filters is None else filters) if f.histogram]
+    empty = {h.column: _empty_histogram(h) for h in hists}
+    empty.update(reasons={}, split={})
     if any_committed is None:
         any_committed = bool(out.committed())
     con, src = stats_connection(out, any_committed)
@@ -216,10 +233,7 @@ def stats_aggregates(out: OutputFolder, any_committed: bool | None = None) -> di
     evaluated = "status IN ('kept', 'dropped')"
     out_ = dict(empty)
     out_["split"] = {}
-    bins = {col: f"least({col}, {cap})" for col, cap in INT_CAPS.items()}
-    bins["text_overlap"] = (f"least(CAST(floor(CAST(text_overlap AS DOUBLE) * {OVERLAP_BINS}) AS INTEGER), "
-                            f"{OVERLAP_BINS - 1})")
-    for col, expr in bins.items():
+    for col, expr in ((h.column, _bin_sql(h)) for h in hists):
         labels, counts = out_[col]
         counts = [0] * len(counts)
         split = {KEPT: [0] * len(counts), DROPPED: [0] * len(counts)}
@@ -242,19 +256,18 @@ def stats_aggregates(out: OutputFolder, any_committed: bool | None = None) -> di
 
 # --- the page -----------------------------------------------------------------------------------
 
-def _funnel_table(f: dict) -> str:
-    rows = [("input samples", f["input"]), ("not downloaded", f["not_downloaded"]),
-            ("errors", f["errors"]), ("evaluated", f["evaluated"]),
-            ("passed complexity", f["passed_complexity"]), ("passed action", f["passed_action"]),
-            ("passed text spotting", f["passed_text_spotting"]), ("kept", f["kept"])]
+def _funnel_table(f: dict, filters: Sequence[Filter] = ()) -> str:
+    rows = funnel_rows(f)
     top = max(1, f["input"])
     out = ["<table><tr><th>stage</th><th>samples</th><th>% of input</th><th></th></tr>"]
     for name, n in rows:
         out.append(f'<tr><td>{name}</td><td class="n">{n}</td><td class="n">{100 * n / top:.1f}</td>'
                    f'<td><div class="bar" style="width:{300 * n / top:.0f}px"></div></td></tr>')
     out.append("</table>")
-    if "text_spotting_evaluated" in f:
-        out.append(f'<p class="meta">OCR ran on {f["text_spotting_evaluated"]} samples.</p>')
+    for flt in filters:  # e.g. "OCR ran on 120 samples."
+        n = f.get(f"{flt.name}_evaluated")
+        if flt.evaluated_note and n is not None:
+            out.append(f'<p class="meta">{html.escape(flt.evaluated_note.format(n=n))}</p>')
     return "".join(out)
 
 
@@ -286,17 +299,10 @@ def _card(row: dict, uri: str | None) -> str:
     return f'<div class="card">{"".join(parts)}</div>'
 
 
-def chart_thresholds(filters: dict) -> dict[str, float]:
+def chart_thresholds(filters: Sequence[Filter]) -> dict[str, float]:
     """Where each enabled filter's threshold falls on its chart, in bar units."""
-    out = {}
-    c, a, t = (filters.get(k) or {} for k in ("complexity", "action", "text_spotting"))
-    if c.get("enabled", True) and c.get("min") is not None:
-        out["complexity"] = float(min(int(c["min"]), INT_CAPS["complexity"]))
-    if a.get("enabled", True) and a.get("min") is not None:
-        out["num_actions"] = float(min(int(a["min"]), INT_CAPS["num_actions"]))
-    if t.get("enabled", True) and t.get("threshold") is not None and t.get("measure") != "fondant":
-        out["text_overlap"] = float(t["threshold"]) * OVERLAP_BINS
-    return out
+    return {f.histogram.column: f.threshold() for f in filters
+            if f.enabled and f.histogram and f.threshold() is not None}
 
 
 def settings_table(filters: dict) -> str:
@@ -315,20 +321,27 @@ def settings_table(filters: dict) -> str:
     return f"<table><tr><th>setting</th><th>value</th></tr>{body}</table>"
 
 
+def report_filters(summary: dict) -> list[Filter]:
+    """The run's cascade from its ``summary.json`` (the registered filters' defaults for an
+    output without one; a filter that is not registered here is left out)."""
+    config = summary.get("config") or {}
+    if not config.get("filters"):
+        return default_filters()
+    return build_filters(config, strict=False)
+
+
 def build_report(funnel: dict, aggregates: dict, sample: pa.Table, summary: dict,
                  examples: int = 6) -> str:
     """The report's HTML from the funnel, the stats aggregates, a bounded sample of stats rows
     (for the examples) and the run's summary."""
     filters = (summary.get("config") or {}).get("filters") or {}
-    lines = chart_thresholds(filters)
+    cascade = report_filters(summary)
+    lines = chart_thresholds(cascade)
     split = aggregates.get("split") or {}
-    charts = [svg_bars("caption complexity (evaluated)", *aggregates["complexity"], stacked=split.get("complexity"),
-                       x_title="complexity score", threshold=lines.get("complexity")),
-              svg_bars("actions per caption (evaluated)", *aggregates["num_actions"], stacked=split.get("num_actions"),
-                       x_title="actions in the caption", threshold=lines.get("num_actions")),
-              svg_bars("text overlap (OCR'd samples)", *aggregates["text_overlap"], stacked=split.get("text_overlap"),
-                       x_title="caption words found in the image text", threshold=lines.get("text_overlap"))]
-    picked = pick_examples(sample, examples)
+    charts = [svg_bars(h.title, *aggregates[h.column], stacked=split.get(h.column), x_title=h.x_title,
+                       threshold=lines.get(h.column))
+              for h in (f.histogram for f in cascade) if h and h.column in aggregates]
+    picked = pick_examples(sample, examples, filters=cascade)
     wanted = defaultdict(set)
     for rows in picked.values():
         for r in rows:
@@ -349,7 +362,7 @@ def build_report(funnel: dict, aggregates: dict, sample: pa.Table, summary: dict
 <p class="meta">input {html.escape(str(summary.get('input', '')))} &middot; {funnel['input']} samples &middot;
 elapsed {summary.get('elapsed_s', '?')} s &middot; text spotting
 {'on' if ts.get('enabled') else 'off'}{' (every sample)' if ts.get('evaluate_all') else ''}</p>
-<h2>Funnel</h2>{_funnel_table(funnel)}
+<h2>Funnel</h2>{_funnel_table(funnel, cascade)}
 <h2>Distributions</h2><div class="charts">{''.join(charts)}</div>
 <h2>Drop reasons and errors</h2>{_reasons_table(aggregates["reasons"], funnel["input"])}
 <h2>Examples</h2><p class="meta">from {len(shown)} shard(s): {html.escape(", ".join(shown[:EXAMPLE_SHARDS]))}</p>{''.join(sections)}
@@ -369,10 +382,11 @@ def write_report(output_url: str, examples: int = 6, committed: list[str] | None
         raise FileNotFoundError(f"no curation output at {output_url}")
     summary = out.read_json("summary.json", {}) or {}
     committed = sorted(out.committed() if committed is None else committed)
+    cascade = report_filters(summary)
     if funnel is None:
-        funnel, _, _ = aggregate(out, committed)
+        funnel, _, _ = aggregate(out, committed, cascade)
     sample = out.read_stats(names=example_shards(committed))
-    page = build_report(funnel, stats_aggregates(out, bool(committed)), sample, summary, examples)
+    page = build_report(funnel, stats_aggregates(out, bool(committed), cascade), sample, summary, examples)
     out.fs.makedirs(out.path("_tmp"), exist_ok=True)
     out.put(page.encode("utf-8"), out.path("report.html"))
     return out.path("report.html")

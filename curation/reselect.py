@@ -420,6 +420,10 @@ def select(cfg: dict, log=print) -> dict:
         CaptionFilterConfig.from_config(cfg["filters"])
     except (ValueError, TypeError) as exc:
         raise SettingsError(str(exc)) from None
+    others = [name for name in cfg["filters"] if name not in FILTERS]
+    if others:  # a plug-in filter (curation.filters) has no re-decision from stored scores here
+        raise SettingsError(f"re-selection knows the CAT filters ({', '.join(FILTERS)}), not "
+                            f"{', '.join(others)}: run cat_filter with the new settings instead")
     storage = Storage.capture(cfg.get("storage_options")).apply()
     src = scored_output(cfg.get("from"))
     recorded = recorded_settings(src)
