@@ -126,3 +126,12 @@ def test_complexity_and_action_share_one_stage_and_one_parse():
     assert out["passed_complexity"].to_pylist() == [True, False, None]
     assert out["passed_action"].to_pylist() == [True, False, None]
     assert out["image"].to_pylist() == [b"x", None, None]  # b cannot be kept any more
+
+
+def test_an_unknown_filter_section_is_a_settings_error(tmp_path):
+    from curation.pipeline import SettingsError
+
+    cfg = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml", overrides=[f"output={tmp_path / 'out'}"])
+    cfg["filters"]["caption_lenght"] = {"min": 3}
+    with pytest.raises(SettingsError, match="filters.caption_lenght: no such filter"):
+        curate(cfg, log=lambda *_: None)
