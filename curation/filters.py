@@ -104,6 +104,10 @@ class Filter:
         """Rows per call of the stage (``stages.<stage>.batch_size``; None: one block)."""
         return stage.get("batch_size")
 
+    def card(self, row: dict) -> str | None:
+        """Its scores on the report's example cards (``column=value``; None: nothing)."""
+        return " ".join(f"{c}={row[c]}" for c, _ in self.scores if row.get(c) is not None) or None
+
     # --- what a subclass implements -------------------------------------------------------------
     def check(self) -> None:
         """Raise ValueError for a setting out of its allowed values (before any work)."""
@@ -217,6 +221,9 @@ class _CaptionFilter(Filter):
     def keep(self, scores, rows):
         return [v >= int(self.cfg.get("min", 1)) for v in scores[self.column]]
 
+    def card(self, row: dict) -> str | None:
+        return None if row.get(self.column) is None else f"{self.name[0].upper()}={row[self.column]}"
+
 
 @register_filter
 class ComplexityFilter(_CaptionFilter):
@@ -308,6 +315,11 @@ class TextSpottingFilter(Filter):
                 "ocr_engine": [r.engine for r in results], "ocr_side": [r.side for r in results],
                 "text_rule": [r.rule for r in results], "error": [r.error for r in results],
                 "_passed": [r.passed if k else None for r, k in zip(results, ok)]}
+
+    def card(self, row: dict) -> str | None:
+        if row.get("text_overlap") is not None:
+            return f"T overlap={row['text_overlap']:.2f}"
+        return f"T {row['text_spotting_status'].replace('_', ' ')}" if row.get("text_spotting_status") else None
 
     def keep(self, scores, rows):
         """From the stored OCR text and the caption (exact: the stored ``text_overlap`` is

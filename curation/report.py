@@ -280,15 +280,9 @@ def _reasons_table(counts: dict, total: int) -> str:
     return "".join(out) + "</table>"
 
 
-def _card(row: dict, uri: str | None) -> str:
+def _card(row: dict, uri: str | None, filters: Sequence[Filter] = ()) -> str:
     img = f'<img src="{uri}" alt="{html.escape(row["key"] or "")}">' if uri else "<p class=meta>(no image)</p>"
-    scores = []
-    if row.get("complexity") is not None:
-        scores.append(f"C={row['complexity']} A={row['num_actions']}")
-    if row.get("text_overlap") is not None:
-        scores.append(f"T overlap={row['text_overlap']:.2f}")
-    elif row.get("text_spotting_status"):
-        scores.append(f"T {row['text_spotting_status'].replace('_', ' ')}")
+    scores = [text for text in (f.card(row) for f in filters) if text]
     ocr = row.get("ocr_text")
     parts = [img, f"<div>{html.escape(row.get('caption') or '')}</div>",
              f'<div class="meta">{html.escape(row["key"] or "")} {html.escape(" ".join(scores))}</div>']
@@ -350,7 +344,7 @@ def build_report(funnel: dict, aggregates: dict, sample: pa.Table, summary: dict
     sections = []
     for name, rows in picked.items():
         cards = "".join(_card(r, thumbnail_uri(images[(r["shard"], r["key"])])
-                              if (r["shard"], r["key"]) in images else None) for r in rows)
+                              if (r["shard"], r["key"]) in images else None, cascade) for r in rows)
         sections.append(f"<h3>{html.escape(name)}</h3><div class=ex>{cards}</div>")
     ts = (summary.get("config") or {}).get("filters", {}).get("text_spotting", {})
     settings = settings_table(filters)

@@ -2,6 +2,7 @@
 stages, the stats, the funnel, summary.json, the kept samples' json and the report."""
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -91,6 +92,7 @@ def test_a_toy_filter_flows_through_stats_funnel_summary_and_report(ray_session,
     assert "caption length (evaluated)" in page  # its chart
     assert "<td>passed caption length</td>" in page  # its funnel row
     assert "<h3>dropped: caption_length</h3>" in page  # its examples
+    assert re.search(r"C=\d+ A=\d+ caption_words=\d+ T off</div>", page)  # its score on their cards
 
 
 class CountingScorer:
