@@ -304,6 +304,10 @@ def absolute_paths(cfg: dict) -> dict:
 def train(cfg: dict, log=print) -> dict:
     """Run the training job; returns a summary (checkpoint path, metrics, eval, skipped samples)."""
     import ray
+    # torch before ray.init: under ray job submit, Ray may unpack the working_dir again and leave
+    # the driver in a deleted directory (see absolute_paths), where importing torch aborts the
+    # process (oneMKL cannot load libtorch_cpu.so)
+    import torch  # noqa: F401
 
     from curation.common.jobs import init_ray
     from curation.common.storage import Storage, is_remote
