@@ -35,3 +35,41 @@ def test_user_file_merges_over_defaults_then_cli(tmp_path):
 def test_free_form_sections_accept_new_keys():
     cfg = apply_overrides({"extra": {}, "a": 1}, ["extra.anything=3"])
     assert cfg == {"extra": {"anything": 3}, "a": 1}
+
+
+def test_recipe_file_merges_strictly(tmp_path):
+    """A recipe's configs/train/<recipe>.yaml may add only the keys its recipe class declares
+    (``Recipe.config_keys``); a typo elsewhere is a one-line error naming the file and the key."""
+    from training.train import DEFAULT_CONFIG, merge_recipe_file
+    from curation.common.config import load_yaml
+
+    base = load_yaml(DEFAULT_CONFIG)
+    good = tmp_path / "diht.yaml"
+    good.write_text("recipe: diht\nloss:\n  hnnce: {alpha: 1.0, beta: 0.5}\n  distill: {enabled: false}\n")
+    cfg = merge_recipe_file(base, good, "diht")
+    assert cfg["loss"]["hnnce"] == {"alpha": 1.0, "beta": 0.5} and cfg["train"] == base["train"]
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("recipe: diht\nloss:\n  hnnce: {alpha: 1.0}\ntrain:\n  warmup_step: 10\n")
+    with pytest.raises(ConfigError) as err:
+        merge_recipe_file(base, typo, "diht")
+    message = str(err.value)
+    assert "\n" not in message and str(typo) in message and "'train.warmup_step'" in message
+    other = tmp_path / "other.yaml"
+    other.write_text("loss:\n  ssl: {name: none}\n")  # the improved recipe's key, not diht's
+    with pytest.raises(ConfigError, match="'loss.ssl'"):
+        merge_recipe_file(base, other, "diht")
+
+
+def test_recipe_import_failure_is_not_unknown_recipe(tmp_path, monkeypatch):
+    """A recipe module whose import fails (a missing dependency) raises that error; only a name
+    no module registers is 'unknown recipe'."""
+    from training import recipes
+
+    (tmp_path / "broken_recipe_mod.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(recipes.RECIPE_MODULES, "broken", "broken_recipe_mod")
+    with pytest.raises(ModuleNotFoundError) as err:
+        recipes.recipe_class("broken")
+    assert err.value.name == "no_such_dependency_xyz"
+    with pytest.raises(ValueError, match="unknown recipe 'nope'"):
+        recipes.recipe_class("nope")

@@ -270,6 +270,8 @@ class DiHTLoss(nn.Module):
 class DiHTRecipe(ClipRecipe):
     """DiHT: CLIP model, HN-NCE loss and (optionally) concept distillation from stored targets."""
 
+    config_keys = ("loss.hnnce", "loss.distill")
+
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         loss = cfg["loss"]

@@ -364,6 +364,9 @@ def _noop_after_step():
 class ImprovedRecipe(ClipRecipe):
     """CLIP 🚀: multi-view data, separate weak/strong projectors, CLIP 🚀 loss + SSL companion."""
 
+    config_keys = ("data.views_seeding", "views", "model.text_cfg", "model.vision_cfg", "model.sync_bn",
+                   "model.improved", "loss.reduction", "loss.ssl")
+
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         loss_cfg = cfg.get("loss") or {}

@@ -40,22 +40,29 @@ def register_recipe(name: str):
     return deco
 
 
-def get_recipe(cfg: dict) -> "Recipe":
-    name = cfg.get("recipe", "clip")
+def recipe_class(name: str) -> type:
+    """The recipe class registered as ``name``, importing its module (:data:`RECIPE_MODULES`) on
+    first use. A name that no module registers is ``ValueError("unknown recipe ...")``; an import
+    failure inside a recipe's module (a missing dependency) is re-raised as it is."""
     if name not in RECIPES and name in RECIPE_MODULES:
         import importlib
 
-        try:
-            importlib.import_module(RECIPE_MODULES[name])
-        except ModuleNotFoundError:
-            pass
+        importlib.import_module(RECIPE_MODULES[name])
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe '{name}' (known: {', '.join(sorted(RECIPES))})")
-    return RECIPES[name](cfg)
+        known = sorted(set(RECIPES) | set(RECIPE_MODULES))
+        raise ValueError(f"unknown recipe '{name}' (known: {', '.join(known)})")
+    return RECIPES[name]
+
+
+def get_recipe(cfg: dict) -> "Recipe":
+    return recipe_class(cfg.get("recipe", "clip"))(cfg)
 
 
 class Recipe:
     name = "base"
+    # dotted config keys that configs/train/<name>.yaml adds to configs/train/clip.yaml (every
+    # other key of that file must exist there: it is merged strictly)
+    config_keys: tuple[str, ...] = ()
 
     def __init__(self, cfg: dict):
         self.cfg = cfg

@@ -11,6 +11,7 @@ dataset first when it is missing) and prints the evaluation. Re-running with the
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import posixpath
@@ -42,13 +43,36 @@ def _recipe_name(user: dict, overrides: list[str]) -> str | None:
     return name
 
 
+def merge_recipe_file(cfg: dict, path: Path, recipe: str) -> dict:
+    """``cfg`` with the recipe's YAML merged over it strictly: the file may add the keys its
+    recipe class declares (``Recipe.config_keys``); any other key ``cfg`` lacks is a
+    :class:`ConfigError` naming the file and the key."""
+    from training.recipes import recipe_class
+
+    data = load_yaml(path)
+    base = copy.deepcopy(cfg)
+    adds = recipe_class(recipe).config_keys
+    for dotted in adds:  # the recipe's own keys join the base with the file's values
+        *parents, key = dotted.split(".")
+        src, dst = data, base
+        for p in parents:
+            src, dst = (src.get(p) or {}), dst.setdefault(p, {})
+        if key in src and key not in dst:
+            dst[key] = copy.deepcopy(src[key])
+    try:
+        return deep_merge(base, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc} (recipe {recipe} adds {', '.join(adds) or 'no keys'}; every "
+                          f"other key must be one of {DEFAULT_CONFIG.name}'s)") from None
+
+
 def default_config(recipe: str | None = None) -> dict:
     """``configs/train/clip.yaml``, the recipe's own YAML over it, eval defaults under ``eval``."""
     cfg = load_yaml(DEFAULT_CONFIG)
     if recipe and recipe != cfg.get("recipe"):
         extra = CONFIG_DIR / "train" / f"{recipe}.yaml"
         if extra.exists():
-            cfg = deep_merge(cfg, load_yaml(extra), strict=False)
+            cfg = merge_recipe_file(cfg, extra, recipe)
     if EVAL_DEFAULTS.exists():
         defaults = load_yaml(EVAL_DEFAULTS)
         cfg["eval"] = deep_merge(defaults.get("eval", defaults), cfg.get("eval") or {}, strict=False)
