@@ -8,8 +8,8 @@ No Ray, no spaCy, no network. Three sections, each guarded (one failing section 
 the others still run):
 
 * ``training``: this project's training step (``training.recipes`` model + loss,
-  ``training.loop.TrainModule``, ``training.optim`` AdamW + cosine schedule, the loop's step body:
-  autocast, grad scaler, clipping, logit-scale clamp, ``after_step``) against
+  ``training.loop.TrainModule``, ``training.optim`` AdamW + cosine schedule, the loop's step
+  ``training.loop.TrainStep``: autocast, grad scaler, clipping, logit-scale clamp, ``after_step``) against
   ``open_clip_train.train.train_one_epoch`` (open_clip's CLIP loss) on the same synthetic batches,
   for the ``clip``, ``diht`` (HN-NCE + distillation heads) and ``improved`` (CLIP 🚀 + one SSL
   companion) recipes: samples/s, the ratio to ``open_clip_train`` and peak GPU memory. Only
@@ -324,12 +324,12 @@ def make_batches(recipe: str, n: int, batch: int, image_size: int, context: int,
 
 class ProjectTrainer:
     """Model, loss, optimizer, schedule and scaler as ``training.loop.train_loop_per_worker``
-    builds them (one worker), and :meth:`step`: the body of its step loop (``accum_steps`` = 1)."""
+    builds them (one worker), and :meth:`step`: its ``TrainStep`` (``accum_steps`` = 1)."""
 
     def __init__(self, cfg: dict, device, seed: int = 0):
         import torch
 
-        from training.loop import TrainModule, resolve_precision
+        from training.loop import TrainModule, TrainStep, resolve_precision
         from training.optim import build_optimizer, build_scheduler
         from training.recipes import get_recipe
 
@@ -346,47 +346,20 @@ class ProjectTrainer:
                                          float(tcfg.get("min_lr_ratio", 0.0)))
         self.amp_dtype = resolve_precision(tcfg["precision"], device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-        self.grad_clip = tcfg.get("grad_clip_norm")
         self.device = device
+        self.train_step = TrainStep(self.net, self.module, self.optimizer, self.scheduler, self.scaler,
+                                    device, self.amp_dtype, tcfg.get("grad_clip_norm"))
         self.net.train()
 
-    def autocast(self):
-        import torch
-
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
     def step(self, batch: dict) -> dict:
-        import torch
-
-        from training.loop import to_device
-
-        b = to_device(batch, self.device)
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.autocast():
-            terms = self.net(b)
-        self.scaler.scale(terms["loss"]).backward()
-        values = {k: float(v.detach()) for k, v in terms.items()}
-        if self.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), float(self.grad_clip))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        if hasattr(self.module.model, "clamp_logit_scale"):
-            self.module.model.clamp_logit_scale()
-        loss_module = getattr(self.module, "loss", None)
-        if hasattr(loss_module, "after_step"):
-            loss_module.after_step()
-        return values
+        return self.train_step([batch])
 
     def loss_on(self, batch: dict) -> float:
         import torch
 
-        from training.loop import to_device
+        from training.loop import autocast, to_device
 
-        with torch.no_grad(), self.autocast():
+        with torch.no_grad(), autocast(self.amp_dtype, self.device):
             return float(self.net(to_device(batch, self.device))["loss"])
 
     def misplaced(self) -> list[str]:

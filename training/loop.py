@@ -170,6 +170,7 @@ class DebugHooks:
         self.rank = rank
         self.log_keys = bool(dcfg.get("log_keys")) and bool(dcfg.get("dir"))
         self.pause_at = dcfg.get("pause_at_step")
+        self.fail_at = dcfg.get("fail_at_step") if rank == 0 else None
         self.pause_s = float(dcfg.get("pause_s") or 120)
         if dcfg.get("dir"):
             Path(self.dir).mkdir(parents=True, exist_ok=True)
@@ -197,6 +198,11 @@ class DebugHooks:
     def fail_once(self, step: int) -> None:
         if self._once(f".injected_failure_at_{step}"):
             raise RuntimeError(f"injected failure at step {step} (debug.fail_at_step)")
+
+    def maybe_fail(self, step: int) -> None:
+        """``debug.fail_at_step``: rank 0 raises at that step, once per run."""
+        if self.fail_at is not None and step == int(self.fail_at):
+            self.fail_once(step)
 
     def maybe_pause(self, step: int) -> None:
         if self.pause_at is None or step != int(self.pause_at):
@@ -271,6 +277,234 @@ def worker_print(text: str, **_) -> None:
     sys.stdout.flush()
 
 
+# --- the pieces of a training step and of its schedule --------------------------------------------------
+
+def autocast(amp_dtype: torch.dtype | None, device: torch.device):
+    """``torch.autocast`` to ``amp_dtype``, or nothing for full precision."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+class TrainStep:
+    """One optimizer step over a list of micro-batches: forward + backward of each (gradients
+    averaged over them, DDP synchronising only on the last), gradient clipping, optimizer, grad
+    scaler and scheduler steps, then the per-step updates (logit-scale clamp, the loss's
+    ``after_step``: EMA targets). Returns the loss terms averaged over the micro-batches."""
+
+    def __init__(self, net: nn.Module, module: TrainModule, optimizer, scheduler, scaler,
+                 device: torch.device, amp_dtype: torch.dtype | None = None, grad_clip_norm=None):
+        self.net, self.module = net, module
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.device, self.amp_dtype, self.grad_clip_norm = device, amp_dtype, grad_clip_norm
+
+    def __call__(self, micro: list[dict]) -> dict:
+        self.optimizer.zero_grad(set_to_none=True)
+        terms_sum: dict = {}
+        for i, b in enumerate(micro):
+            defer_sync = i < len(micro) - 1 and hasattr(self.net, "no_sync")
+            with self.net.no_sync() if defer_sync else contextlib.nullcontext():
+                with autocast(self.amp_dtype, self.device):
+                    terms = self.net(to_device(b, self.device))
+                self.scaler.scale(terms["loss"] / len(micro)).backward()
+            for k, v in terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / len(micro)
+        if self.grad_clip_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), float(self.grad_clip_norm))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        after_optimizer_step(self.module)
+        return terms_sum
+
+
+def after_optimizer_step(module: TrainModule) -> None:
+    """The model's logit-scale clamp and the loss's per-step update (e.g. BYOLIP's EMA targets)."""
+    if hasattr(module.model, "clamp_logit_scale"):
+        module.model.clamp_logit_scale()
+    loss_module = getattr(module, "loss", None)
+    if hasattr(loss_module, "after_step"):
+        loss_module.after_step()
+
+
+class LogWindow:
+    """Loss, throughput and data-wait share since the last logged step."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0, self.samples, self.data_wait, self.losses = time.perf_counter(), 0, 0.0, []
+
+    def add(self, samples: int, loss: float) -> None:
+        self.samples += samples
+        self.losses.append(loss)
+
+    def metrics(self) -> dict:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        return {"train/loss": sum(self.losses) / len(self.losses),
+                "train/samples_per_s": self.samples / dt, "train/data_wait_frac": self.data_wait / dt}
+
+
+def step_metrics(window: LogWindow, terms: dict, optimizer, model: nn.Module, epoch: int,
+                 total_steps: int) -> dict:
+    """The row logged at a logging step (``metrics.jsonl``, TensorBoard, the progress line)."""
+    w = window.metrics()
+    return {"train/loss": w["train/loss"], "train/lr": optimizer.param_groups[0]["lr"],
+            "train/samples_per_s": w["train/samples_per_s"], "train/data_wait_frac": w["train/data_wait_frac"],
+            **logit_scale_metric(model), **{f"train/{k}": v for k, v in terms.items() if k != "loss"},
+            "epoch": epoch, "total_steps": total_steps}
+
+
+class EvalSchedule:
+    """When to evaluate: after every ``eval.every_n_epochs``-th epoch that ends before the last
+    step (0: never), and once at the end; nothing when ``eval.enabled`` is false."""
+
+    def __init__(self, eval_cfg: dict):
+        self.cfg = eval_cfg
+        self.enabled = bool(eval_cfg.get("enabled", True))
+        self.every = int(eval_cfg.get("every_n_epochs") or 0)
+
+    def after_epoch(self, epoch: int, step: int, total_steps: int) -> bool:
+        return bool(self.every) and self.enabled and epoch % self.every == 0 and step < total_steps
+
+    def at_end(self) -> bool:
+        return self.enabled
+
+
+class CheckpointReporter:
+    """``ray.train.report`` of metrics, with a checkpoint every ``train.checkpoint_every_steps``
+    and at the end: rank 0 saves the folder (:func:`training.checkpoint.save_checkpoint`), every
+    rank reports (into ``checkpoint_step_<step>``), then rank 0 writes the completeness marker.
+    ``report_fn`` / ``checkpoint_fn`` are ``ray.train.report`` / ``ray.train.Checkpoint.from_directory``
+    (replaceable in tests)."""
+
+    def __init__(self, *, module: TrainModule, optimizer, scheduler, scaler, cfg: dict, total_steps: int,
+                 is_main: bool, run_url: str | None, storage=None, logger: MetricsLogger | None = None,
+                 last_saved: int = -1, report_fn=None, checkpoint_fn=None):
+        self.module, self.optimizer, self.scheduler, self.scaler = module, optimizer, scheduler, scaler
+        self.cfg, self.total_steps, self.is_main = cfg, total_steps, is_main
+        self.run_url, self.storage, self.logger = run_url, storage, logger
+        self.every = int(cfg["train"].get("checkpoint_every_steps") or 0)
+        self.last_saved = last_saved
+        if report_fn is None or checkpoint_fn is None:
+            import ray.train
+
+            report_fn = report_fn or ray.train.report
+            checkpoint_fn = checkpoint_fn or ray.train.Checkpoint.from_directory
+        self.report_fn, self.checkpoint_fn = report_fn, checkpoint_fn
+
+    def due(self, step: int) -> bool:
+        """A periodic checkpoint at this step (the last step's is the final report's)."""
+        return bool(self.every) and step % self.every == 0 and step < self.total_steps
+
+    def report(self, metrics: dict, *, step: int, epoch: int, epoch_step: int, with_checkpoint: bool) -> None:
+        if not with_checkpoint:
+            self.report_fn(metrics)
+            return
+        if self.logger is not None:
+            self.logger.sync()
+        with tempfile.TemporaryDirectory() as tmp:
+            if self.is_main:
+                save_checkpoint(tmp, module=self.module, clip=getattr(self.module.model, "clip", None),
+                                arch=self.cfg["model"]["arch"], recipe=self.cfg.get("recipe", "clip"),
+                                step=step, epoch=epoch, optimizer=self.optimizer, scheduler=self.scheduler,
+                                scaler=self.scaler, extra={"epoch_step": epoch_step, "total_steps": self.total_steps})
+            self.report_fn(metrics, checkpoint=self.checkpoint_fn(tmp) if self.is_main else None,
+                           checkpoint_dir_name=checkpoint_dir_name(step))
+        # report() returns once the folder is uploaded; Ray Train records it only when its
+        # controller next polls the workers. The marker makes it resumable from now on.
+        if self.is_main and self.run_url:
+            mark_complete(self.run_url, step, epoch, self.storage)
+        self.last_saved = step
+
+
+def resume(module: TrainModule, optimizer, scheduler, scaler, device, ray_checkpoint, run_url: str | None,
+           storage=None, log=None) -> tuple[int, int, int] | None:
+    """``(step, epoch, epoch_step)`` of the checkpoint :func:`resume_dir` picks, with its state
+    loaded into ``module``, ``optimizer``, ``scheduler`` and ``scaler``; None for a fresh start."""
+    with resume_dir(ray_checkpoint, run_url, storage) as d:
+        if d is None:
+            return None
+        state = load_train_state(d, module=module, optimizer=optimizer, scheduler=scheduler,
+                                 scaler=scaler, map_location=device)
+        meta = json.loads((Path(d) / "meta.json").read_text())
+    if log is not None:
+        log(f"resumed from checkpoint at step {state['step']} (epoch {state['epoch']})")
+    return state["step"], state["epoch"], int(meta.get("epoch_step", 0))
+
+
+def take_batches(it, n: int, debug: DebugHooks, step: int, epoch: int) -> list:
+    """Up to ``n`` batches of ``it`` (fewer when it runs out), logged as those of ``step``."""
+    out = []
+    for _ in range(n):
+        b = next(it, None)
+        if b is None:
+            break
+        out.append(b)
+        debug.keys(step, epoch, b)
+    return out
+
+
+def replay(it, n: int, debug: DebugHooks, first_step: int, epoch: int, accum: int) -> None:
+    """Skip ``n`` micro-batches of a resumed epoch without training on them (logged ``skipped``)."""
+    for i in range(n):
+        b = next(it, None)
+        if b is None:
+            break
+        debug.keys(first_step + i // accum, epoch, b, skipped=True)
+
+
+def evaluate_and_log(recipe, module: nn.Module, eval_cfg: dict, device, logger: MetricsLogger,
+                     step: int, save_as: str | None = None) -> dict:
+    """:func:`run_eval`, its results written to the log folder as ``save_as`` (if given) and its
+    headline metrics logged at ``step``; returns those metrics as ``eval/*`` ({} when unavailable)."""
+    res = run_eval(recipe, module, eval_cfg, device)
+    if res is None:
+        return {}
+    if save_as:
+        logger.write_json(save_as, res)
+    flat = {f"eval/{k}": v for k, v in headline(res).items()}
+    logger.log(step, flat, progress=False)
+    return flat
+
+
+def worker_node_ids(world: int) -> list:
+    """The Ray node of every rank (in the final metrics and summary.json: where the workers ran)."""
+    import ray
+
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        nodes = [None] * world
+        torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    return nodes
+
+
+def wrap_for_training(module: nn.Module, world: int, device: torch.device, cfg: dict) -> nn.Module:
+    """DDP with several workers, then ``torch.compile`` when ``model.compile``."""
+    net = module
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(cfg["train"].get("find_unused_parameters", False)))
+    if cfg["model"].get("compile"):
+        net = torch.compile(net)
+    return net
+
+
+def warmup_steps(tcfg: dict, total_steps: int) -> int:
+    """``train.warmup_steps`` (null: 5% of the steps, at least 1), at most ``total_steps``."""
+    warmup = int(tcfg["warmup_steps"]) if tcfg.get("warmup_steps") is not None else max(1, total_steps // 20)
+    return min(warmup, total_steps)
+
+
+def without_total(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "total_steps"}
+
+
+# --- the loop -----------------------------------------------------------------------------------------------
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -279,20 +513,20 @@ def train_loop_per_worker(config: dict) -> None:
     from training.optim import build_optimizer, build_scheduler
     from training.recipes import get_recipe
 
-    cfg = config["cfg"]
-    storage = config.get("storage")
+    cfg, storage = config["cfg"], config.get("storage")
     if storage is not None:  # this process opens URLs (s3://) as the driver does
         storage.apply()
-    tcfg, mcfg = cfg["train"], cfg["model"]
+    tcfg, mcfg, dcfg = cfg["train"], cfg["model"], cfg["data"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    is_main = rank == 0
     device = ray.train.torch.get_device()
     steps_per_epoch, total_steps = int(config["steps_per_epoch"]), int(config["total_steps"])
     local_bs, accum = int(config["local_batch_size"]), int(tcfg["accum_steps"])
     global_bs = local_bs * accum * world
-    log_dir = config.get("log_dir")
-    is_main = rank == 0
+    log_dir, run_url = config.get("log_dir"), config.get("run_url")
 
+    # model + loss (the recipe's), optimizer, schedule, precision
     if tcfg.get("torch_threads"):
         torch.set_num_threads(int(tcfg["torch_threads"]))  # Ray sets OMP threads = worker CPUs
     torch.manual_seed(int(tcfg["seed"]))
@@ -302,79 +536,30 @@ def train_loop_per_worker(config: dict) -> None:
         model.set_grad_checkpointing(True)
     module = TrainModule(model, recipe.build_loss(model)).to(device)
     optimizer = build_optimizer(module, tcfg)
-    warmup = int(tcfg["warmup_steps"]) if tcfg.get("warmup_steps") is not None else max(1, total_steps // 20)
-    scheduler = build_scheduler(optimizer, min(warmup, total_steps), total_steps,
+    scheduler = build_scheduler(optimizer, warmup_steps(tcfg, total_steps), total_steps,
                                 float(tcfg.get("min_lr_ratio", 0.0)))
     amp_dtype = resolve_precision(tcfg["precision"], device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    step, epoch, epoch_step = 0, 0, 0
-    run_url = config.get("run_url")
-    resumed = False
-    with resume_dir(ray.train.get_checkpoint(), run_url, storage) as d:
-        if d is not None:
-            state = load_train_state(d, module=module, optimizer=optimizer, scheduler=scheduler,
-                                     scaler=scaler, map_location=device)
-            meta = json.loads((Path(d) / "meta.json").read_text())
-            step, epoch, epoch_step = state["step"], state["epoch"], int(meta.get("epoch_step", 0))
-            resumed = True
-            if is_main:
-                worker_print(f"resumed from checkpoint at step {step} (epoch {epoch})")
+    # resume: the newest complete checkpoint of this run
+    resumed = resume(module, optimizer, scheduler, scaler, device, ray.train.get_checkpoint(), run_url,
+                     storage, log=worker_print if is_main else None)
+    step, epoch, epoch_step = resumed or (0, 0, 0)
 
-    net: nn.Module = module
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=bool(tcfg.get("find_unused_parameters", False)))
-    if mcfg.get("compile"):
-        net = torch.compile(net)
-
-    # the Ray node of every rank (in the final metrics and summary.json: where the workers ran)
-    import ray
-
-    worker_nodes = [ray.get_runtime_context().get_node_id()]
-    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        worker_nodes = [None] * world
-        torch.distributed.all_gather_object(worker_nodes, ray.get_runtime_context().get_node_id())
+    net = wrap_for_training(module, world, device, cfg)
+    worker_nodes = worker_node_ids(world)
     logger = MetricsLogger(log_dir, is_main, print_fn=worker_print, storage=storage)
     debug = DebugHooks(cfg.get("debug") or {}, rank, log_dir)
-    shard = ray.train.get_dataset_shard("train")
-    dcfg = cfg["data"]
-    fail_at = (cfg.get("debug") or {}).get("fail_at_step")
-    ckpt_every = int(tcfg.get("checkpoint_every_steps") or 0)
+    checkpoints = CheckpointReporter(module=module, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                     cfg=cfg, total_steps=total_steps, is_main=is_main, run_url=run_url,
+                                     storage=storage, logger=logger, last_saved=step if resumed else -1)
+    evals = EvalSchedule(cfg.get("eval") or {})
+    train_step = TrainStep(net, module, optimizer, scheduler, scaler, device, amp_dtype, tcfg.get("grad_clip_norm"))
     log_every = max(1, int(tcfg.get("log_every_steps") or 1))
-    eval_cfg = cfg.get("eval") or {}
-    eval_every = int(eval_cfg.get("every_n_epochs") or 0)
-    last_saved = step if resumed else -1
-
-    def report(metrics: dict, with_checkpoint: bool):
-        nonlocal last_saved
-        if not with_checkpoint:
-            ray.train.report(metrics)
-            return
-        logger.sync()
-        with tempfile.TemporaryDirectory() as tmp:
-            if is_main:
-                save_checkpoint(tmp, module=module, clip=getattr(module.model, "clip", None), arch=mcfg["arch"],
-                                recipe=cfg.get("recipe", "clip"), step=step, epoch=epoch,
-                                optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                extra={"epoch_step": epoch_step, "total_steps": total_steps})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if is_main else None,
-                             checkpoint_dir_name=checkpoint_dir_name(step))
-        # report() returns once the folder is uploaded; Ray Train records it only when its
-        # controller next polls the workers. The marker makes it resumable from now on.
-        if is_main and run_url:
-            mark_complete(run_url, step, epoch, storage)
-        last_saved = step
-
-    def autocast():
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=amp_dtype)
+    shard = ray.train.get_dataset_shard("train")
 
     net.train()
-    window_t, window_n, window_wait, window_loss = time.perf_counter(), 0, 0.0, []
-    last: dict = {}
+    window, last = LogWindow(), {}
     # resumed mid-epoch: replay the epoch's (deterministic, data.deterministic) order up to where
     # the checkpoint was taken, without training on it
     skip = epoch_step * accum if (epoch_step and dcfg.get("deterministic", True)) else 0
@@ -385,92 +570,37 @@ def train_loop_per_worker(config: dict) -> None:
                                shuffle_buffer=dcfg.get("shuffle_buffer"),
                                prefetch_batches=int(dcfg.get("prefetch_batches", 2)),
                                seed=int(tcfg["seed"]) + epoch))
-        for i in range(skip if budget > 0 else 0):
-            b = next(it, None)
-            if b is None:
-                break
-            debug.keys(step - epoch_step + i // accum + 1, epoch, b, skipped=True)
+        replay(it, skip if budget > 0 else 0, debug, step - epoch_step + 1, epoch, accum)
         skip = 0
         while done_this_epoch < budget:
             t0 = time.perf_counter()
-            micro = []
-            for _ in range(accum):
-                b = next(it, None)
-                if b is None:
-                    break
-                micro.append(b)
-                debug.keys(step + 1, epoch, b)
-            window_wait += time.perf_counter() - t0
+            micro = take_batches(it, accum, debug, step + 1, epoch)
+            window.data_wait += time.perf_counter() - t0
             if len(micro) < accum:
                 break  # the shard ran out (bad samples were skipped): next epoch
-            optimizer.zero_grad(set_to_none=True)
-            terms_sum: dict = {}
-            for i, b in enumerate(micro):
-                b = to_device(b, device)
-                sync = i == accum - 1 or world == 1
-                no_sync = net.no_sync if (not sync and hasattr(net, "no_sync")) else contextlib.nullcontext
-                with no_sync():
-                    with autocast():
-                        terms = net(b)
-                    scaler.scale(terms["loss"] / accum).backward()
-                for k, v in terms.items():
-                    terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / accum
-            if tcfg.get("grad_clip_norm"):
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(module.parameters(), float(tcfg["grad_clip_norm"]))
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if hasattr(module.model, "clamp_logit_scale"):
-                module.model.clamp_logit_scale()
-            loss_module = getattr(module, "loss", None)  # per-step updates, e.g. EMA targets (BYOLIP)
-            if hasattr(loss_module, "after_step"):
-                loss_module.after_step()
-            step += 1
-            epoch_step += 1
-            done_this_epoch += 1
-            window_n += global_bs
-            window_loss.append(terms_sum["loss"])
-
-            if fail_at is not None and step == int(fail_at) and is_main:
-                debug.fail_once(step)
-
+            terms = train_step(micro)
+            step, epoch_step, done_this_epoch = step + 1, epoch_step + 1, done_this_epoch + 1
+            window.add(global_bs, terms["loss"])
+            debug.maybe_fail(step)
             if step % log_every == 0 or step == total_steps:
-                dt = time.perf_counter() - window_t
-                last = {"train/loss": sum(window_loss) / len(window_loss),
-                        "train/lr": optimizer.param_groups[0]["lr"],
-                        "train/samples_per_s": window_n / max(dt, 1e-9),
-                        "train/data_wait_frac": window_wait / max(dt, 1e-9),
-                        **logit_scale_metric(module.model),
-                        **{f"train/{k}": v for k, v in terms_sum.items() if k != "loss"},
-                        "epoch": epoch, "total_steps": total_steps}
+                last = step_metrics(window, terms, optimizer, module.model, epoch, total_steps)
                 logger.log(step, last)
-                window_t, window_n, window_wait, window_loss = time.perf_counter(), 0, 0.0, []
-            if ckpt_every and step % ckpt_every == 0 and step < total_steps:
-                report({"step": step, "epoch": epoch, **{k: v for k, v in last.items() if k != "total_steps"}},
-                       with_checkpoint=True)
+                window.reset()
+            if checkpoints.due(step):
+                checkpoints.report({"step": step, "epoch": epoch, **without_total(last)}, step=step,
+                                   epoch=epoch, epoch_step=epoch_step, with_checkpoint=True)
             debug.maybe_pause(step)
         if done_this_epoch == 0 and epoch_step == 0:
             raise RuntimeError("the training data yielded no full batch: fewer usable samples than "
                                f"the per-worker batch size {local_bs}")
         if epoch_step >= steps_per_epoch or done_this_epoch < budget:
-            epoch += 1
-            epoch_step = 0
-            if eval_every and eval_cfg.get("enabled", True) and epoch % eval_every == 0 and step < total_steps:
-                if is_main:
-                    res = run_eval(recipe, module, eval_cfg, device)
-                    if res is not None:
-                        logger.log(step, {f"eval/{k}": v for k, v in headline(res).items()},
-                                   progress=False)
+            epoch, epoch_step = epoch + 1, 0
+            if is_main and evals.after_epoch(epoch, step, total_steps):
+                evaluate_and_log(recipe, module, evals.cfg, device, logger, step)
 
-    final = {"step": step, "epoch": epoch, **{k: v for k, v in last.items() if k != "total_steps"},
-             "worker_nodes": worker_nodes}
-    if is_main and eval_cfg.get("enabled", True):
-        res = run_eval(recipe, module, eval_cfg, device)
-        if res is not None:
-            logger.write_json("eval.json", res)
-            flat = headline(res)
-            logger.log(step, {f"eval/{k}": v for k, v in flat.items()}, progress=False)
-            final.update({f"eval/{k}": v for k, v in flat.items()})
+    final = {"step": step, "epoch": epoch, **without_total(last), "worker_nodes": worker_nodes}
+    if is_main and evals.at_end():
+        final.update(evaluate_and_log(recipe, module, evals.cfg, device, logger, step, save_as="eval.json"))
     logger.close()
-    report(final, with_checkpoint=last_saved != step)
+    checkpoints.report(final, step=step, epoch=epoch, epoch_step=epoch_step,
+                       with_checkpoint=checkpoints.last_saved != step)
