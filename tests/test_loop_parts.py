@@ -178,3 +178,20 @@ def test_take_batches_and_replay_log_keys(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "keys-rank0.jsonl").read_text().splitlines()]
     assert [(r["step"], r["keys"], r["skipped"]) for r in rows] == [
         (7, ["k0"], True), (7, ["k1"], True), (8, ["k2"], False), (8, ["k3"], False), (9, ["k4"], False)]
+
+
+def test_build_objective_is_keyed_by_the_recipe():
+    """One factory picks the main objective for every recipe; ``Recipe.build_loss`` is it."""
+    from training import objective
+    from training.recipes import ClipLossModule, get_recipe
+    from training.train import build_train_config
+
+    cfg = build_train_config(None, ["model.arch=micro-vit-32"])
+    recipe = get_recipe(cfg)
+    loss = recipe.build_loss(recipe.build_model())
+    assert isinstance(loss, ClipLossModule) and loss.label_smoothing == 0.0
+    assert sorted(objective.OBJECTIVES) == ["clip", "diht", "improved"]
+    for name in ("clip", "diht", "improved"):  # every recipe class inherits build_loss
+        assert "build_loss" not in vars(type(get_recipe({**cfg, "recipe": name}))), name
+    with pytest.raises(ValueError, match="no objective for recipe 'nope'"):
+        objective.build_objective({**cfg, "recipe": "nope"}, None)

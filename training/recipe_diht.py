@@ -5,11 +5,12 @@
 
 ``recipe: diht`` plugs three things into the trainer's seams (:mod:`training.recipes`):
 
-* **loss** (:class:`DiHTLoss`): HN-NCE (:func:`training.losses.hnnce.hnnce_loss`, ``loss.hnnce.alpha``
-  / ``loss.hnnce.beta``; ``beta: 0, alpha: 1`` is exactly the CLIP loss) plus, when
-  ``loss.distill.enabled``, ``lambda * (L_objects + L_attributes)`` from two linear heads on the
-  student's pooled image feature (:class:`training.losses.distill.ConceptDistillLoss`, weight
-  ``loss.distill.weight``, temperature ``loss.distill.temperature``). The terms are returned (and
+* **loss** (:class:`DiHTLoss`, built by :func:`training.objective.diht_objective`): HN-NCE
+  (:func:`training.losses.hnnce.hnnce_loss`, ``loss.hnnce.alpha`` / ``loss.hnnce.beta``;
+  ``beta: 0, alpha: 1`` is exactly the CLIP loss) plus, when ``loss.distill.enabled``,
+  ``lambda * (L_objects + L_attributes)`` from two linear heads on the student's pooled image
+  feature (:class:`training.losses.distill.ConceptDistillLoss`, weight ``loss.distill.weight``,
+  temperature ``loss.distill.temperature``). The terms are returned (and
   logged) separately: ``loss``, ``contrastive``, ``distill`` and ``concept_coverage`` (the fraction
   of the batch that has targets). The heads are trained with the model and saved in
   ``train_state.pt``; ``open_clip.pt`` holds the plain open_clip student.
@@ -264,6 +265,18 @@ class DiHTLoss(nn.Module):
         return {"loss": loss, **terms}
 
 
+def hnnce_settings(loss_cfg: dict) -> tuple[float, float]:
+    """``(alpha, beta)`` of HN-NCE from ``loss.hnnce``; errors for label smoothing (HN-NCE has
+    none) and a negative alpha."""
+    if float(loss_cfg.get("label_smoothing") or 0.0) != 0.0:
+        raise ValueError("recipe diht: HN-NCE has no label smoothing; set loss.label_smoothing=0")
+    hn = loss_cfg.get("hnnce") or {}
+    alpha, beta = float(hn.get("alpha", 1.0)), float(hn.get("beta", 0.5))
+    if alpha < 0:
+        raise ValueError(f"loss.hnnce.alpha must be >= 0, got {alpha}")
+    return alpha, beta
+
+
 # --- the recipe ------------------------------------------------------------------------------------
 
 @register_recipe("diht")
@@ -275,14 +288,8 @@ class DiHTRecipe(ClipRecipe):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         loss = cfg["loss"]
-        if float(loss.get("label_smoothing") or 0.0) != 0.0:
-            raise ValueError("recipe diht: HN-NCE has no label smoothing; set loss.label_smoothing=0")
-        hn = loss.get("hnnce") or {}
-        self.alpha, self.beta = float(hn.get("alpha", 1.0)), float(hn.get("beta", 0.5))
-        if self.alpha < 0:
-            raise ValueError(f"loss.hnnce.alpha must be >= 0, got {self.alpha}")
-        self.distill_cfg = dict(loss.get("distill") or {})
-        self.distill = bool(self.distill_cfg.get("enabled", False))
+        self.alpha, self.beta = hnnce_settings(loss)  # config errors on the driver
+        self.distill = bool((loss.get("distill") or {}).get("enabled", False))
         self.concepts = None
         if self.distill:
             self.concepts = concepts_url(cfg)
@@ -297,17 +304,3 @@ class DiHTRecipe(ClipRecipe):
         aug = self.cfg["data"].get("aug_cfg") or None
         return ConceptSampleTransform(self.arch, self.concepts, is_train=is_train, counter=counter,
                                       aug_cfg=aug if is_train else None)
-
-    def build_loss(self, model: nn.Module) -> nn.Module:
-        distill = None
-        if self.distill:
-            from training.losses.distill import ConceptDistillLoss
-
-            in_dim = getattr(model, "pooled_dim", None)
-            if not in_dim:
-                raise ValueError("recipe diht: the model wrapper has no pooled_dim for the concept heads")
-            distill = ConceptDistillLoss.from_vocab(
-                read_vocab(self.concepts), int(in_dim),
-                weight=float(self.distill_cfg.get("weight", 1.0)),
-                temperature=float(self.distill_cfg.get("temperature", 1.0)))
-        return DiHTLoss(self.alpha, self.beta, distill)

@@ -23,8 +23,8 @@ into the trainer's seams (:mod:`training.recipes`):
   (``model.arch``, with ``model.text_cfg`` / ``model.vision_cfg`` overrides such as CC3M's 6 text
   layers; projector settings in ``model.improved``); BatchNorms become SyncBatchNorm with several
   GPU workers (``model.sync_bn``).
-* **loss** (:class:`ImprovedRecipeLoss`, an ``nn.Module``, so the companion's projectors and EMA
-  targets are trained / checkpointed with the model): the CLIP 🚀 objective
+* **loss** (:class:`ImprovedRecipeLoss`, built by :func:`training.objective.improved_objective`;
+  an ``nn.Module``, so the companion's projectors and EMA targets are trained / checkpointed with the model): the CLIP 🚀 objective
   (:func:`training.losses.improved.improved_clip_loss`, ``loss.label_smoothing`` (null: 0.1, 0
   with SwALIP, which refuses any other value), ``loss.reduction`` mean | sum) plus the SSL
   companion ``loss.ssl.name`` (none | barlip | siamlip | byolip | swalip | slip) built by
@@ -411,22 +411,6 @@ class ImprovedRecipe(ClipRecipe):
         model.tower_overrides = towers      # in the exported open_clip model config
         model.train_config = self.cfg       # in meta.json: evaluate.py rebuilds this model
         return to_sync_batchnorm(model, m.get("sync_bn", "auto"))
-
-    def build_loss(self, model: nn.Module) -> nn.Module:
-        from training.checkpoint import unwrap
-        from training.improved_model import to_sync_batchnorm
-        from training.losses.registry import build_ssl
-
-        model = unwrap(model)
-        loss_cfg = self.cfg["loss"]
-        settings = loss_settings(loss_cfg)
-        name, section, extras = ssl_settings(loss_cfg)
-        ssl = build_ssl(section, model.pooled_dim) if section else None
-        if ssl is not None:
-            ssl = to_sync_batchnorm(ssl, self.cfg["model"].get("sync_bn", "auto"))
-        momentum = float(section.get("momentum", 0.99)) if extras.get("ema_model") else None
-        return ImprovedRecipeLoss(settings["label_smoothing"], ssl=ssl, ssl_name=name,
-                                  online=model, target_momentum=momentum, reduction=settings["reduction"])
 
     def embedder(self, model: nn.Module, device="cpu"):
         from training.checkpoint import unwrap

@@ -8,8 +8,10 @@ calls these methods and knows nothing else about them:
 (b) :meth:`Recipe.build_model`: the model wrapper, an ``nn.Module`` whose ``forward(batch)``
     returns the feature dict (default: :class:`training.model.ClipModel`) and which exposes the
     open_clip model as ``.clip``;
-(c) :meth:`Recipe.build_loss`: ``loss(outputs, batch) -> {"loss": total, **named terms}``. A loss
-    that is an ``nn.Module`` with parameters is trained and checkpointed with the model.
+(c) :meth:`Recipe.build_loss`: ``loss(outputs, batch) -> {"loss": total, **named terms}``, the
+    recipe's objective, chosen for all recipes in one place (:func:`training.objective.build_objective`,
+    keyed by the config). A loss that is an ``nn.Module`` with parameters is trained and
+    checkpointed with the model.
 
 Recipes may also override :meth:`collate` (numpy batch -> tensors), :meth:`embedder` (the
 evaluation interface) and add keys to the config in ``configs/train/<recipe>.yaml`` (merged over
@@ -75,7 +77,9 @@ class Recipe:
         raise NotImplementedError
 
     def build_loss(self, model: nn.Module) -> Callable:
-        raise NotImplementedError
+        from training.objective import build_objective
+
+        return build_objective(self.cfg, model)
 
     def collate(self, batch: dict) -> dict:
         from training.data import collate
@@ -120,6 +124,3 @@ class ClipRecipe(Recipe):
         model = ClipModel(clip, self.arch)
         model.train_config = self.cfg  # in meta.json: evaluate.py rebuilds this model
         return model
-
-    def build_loss(self, model: nn.Module) -> Callable:
-        return ClipLossModule(self.cfg["loss"].get("label_smoothing", 0.0))
