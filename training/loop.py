@@ -410,7 +410,8 @@ class CheckpointReporter:
                 save_checkpoint(tmp, module=self.module, clip=getattr(self.module.model, "clip", None),
                                 arch=self.cfg["model"]["arch"], recipe=self.cfg.get("recipe", "clip"),
                                 step=step, epoch=epoch, optimizer=self.optimizer, scheduler=self.scheduler,
-                                scaler=self.scaler, extra={"epoch_step": epoch_step, "total_steps": self.total_steps})
+                                scaler=self.scaler,
+                                extra={"epoch_step": epoch_step, "total_steps": self.total_steps})
             self.report_fn(metrics, checkpoint=self.checkpoint_fn(tmp) if self.is_main else None,
                            checkpoint_dir_name=checkpoint_dir_name(step))
         # report() returns once the folder is uploaded; Ray Train records it only when its
@@ -554,7 +555,8 @@ def train_loop_per_worker(config: dict) -> None:
                                      cfg=cfg, total_steps=total_steps, is_main=is_main, run_url=run_url,
                                      storage=storage, logger=logger, last_saved=step if resumed else -1)
     evals = EvalSchedule(cfg.get("eval") or {})
-    train_step = TrainStep(net, module, optimizer, scheduler, scaler, device, amp_dtype, tcfg.get("grad_clip_norm"))
+    train_step = TrainStep(net, module, optimizer, scheduler, scaler, device, amp_dtype,
+                           tcfg.get("grad_clip_norm"))
     log_every = max(1, int(tcfg.get("log_every_steps") or 1))
     shard = ray.train.get_dataset_shard("train")
 
