@@ -152,13 +152,19 @@ class FilterStage:
     def __init__(self, filters: list[Filter], keep_payload: bool = False, storage: Storage | None = None):
         if storage is not None:
             storage.apply()
-        self.filters, self.keep_payload, self.shared = filters, keep_payload, {}
-        for f in filters:
-            if f.enabled:
-                f.setup(self.shared)
+        self.filters, self.keep_payload, self.shared = filters, keep_payload, setup_filters(filters)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return score_stage(batch, self.filters, self.shared, self.keep_payload)
+
+
+def setup_filters(filters: list[Filter]) -> dict:
+    """What the enabled filters of a stage share (models, ...), from their :meth:`~Filter.setup`."""
+    shared: dict = {}
+    for f in filters:
+        if f.enabled:
+            f.setup(shared)
+    return shared
 
 
 _TASK_SHARED: dict = {}  # a stage run as Ray tasks (``actors: 0``): set up once per worker process
@@ -169,11 +175,7 @@ def filter_stage_task(batch: pa.Table, filters: list[Filter], keep_payload: bool
     if storage is not None:
         storage.apply()
     if key not in _TASK_SHARED:
-        shared: dict = {}
-        for f in filters:
-            if f.enabled:
-                f.setup(shared)
-        _TASK_SHARED[key] = shared
+        _TASK_SHARED[key] = setup_filters(filters)
     return score_stage(batch, filters, _TASK_SHARED[key], keep_payload)
 
 
@@ -185,11 +187,6 @@ class CaptionFilterStage(FilterStage):
         job = {"filters": filters, "spacy": spacy_cfg}
         cascade = [f for f in build_filters(job) if f.stage_key == "caption"]
         super().__init__(cascade, keep_payload=ocr_all, storage=storage)
-
-
-def needs_text_spotting(batch: pa.Table, evaluate_all: bool) -> list[int]:
-    """Rows the T filter runs on: pending ones that passed C and A (or all pending ones)."""
-    return rows_to_score(batch, evaluate_all)
 
 
 def add_text_spotting(batch: pa.Table, spotter: TextSpotter) -> pa.Table:

@@ -12,7 +12,7 @@ from curation.images import BadImage, decode_rgb
 from curation.ingest import ERROR, PENDING, ROW_SCHEMA, make_row
 from curation.ocr import TextSpotter, TextSpottingConfig
 from curation.output import EVALUATED, NOT_EVALUATED, OFF, decide
-from curation.pipeline import add_text_spotting, needs_text_spotting, ocr_rows_per_call
+from curation.pipeline import add_text_spotting, ocr_rows_per_call, rows_to_score
 from curation.text_overlap import (TextOverlapConfig, content_word_overlap, content_words,
                                    fondant_overlap, within_edits)
 
@@ -106,7 +106,7 @@ def _rows(image):
 def test_cascade_rows(evaluate_all):
     image = _encode(Image.new("RGB", (64, 48), "white"), "JPEG")
     batch = _rows(image)
-    assert needs_text_spotting(batch, evaluate_all) == ([0, 1, 2, 3] if evaluate_all else [0, 2, 3])
+    assert rows_to_score(batch, evaluate_all) == ([0, 1, 2, 3] if evaluate_all else [0, 2, 3])
     backend = RecordingBackend("RED BALL BEACH")
     spotter = TextSpotter(TextSpottingConfig(evaluate_all=evaluate_all), backend)
     out = add_text_spotting(batch, spotter)
