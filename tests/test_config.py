@@ -73,3 +73,46 @@ def test_recipe_import_failure_is_not_unknown_recipe(tmp_path, monkeypatch):
     assert err.value.name == "no_such_dependency_xyz"
     with pytest.raises(ValueError, match="unknown recipe 'nope'"):
         recipes.recipe_class("nope")
+
+
+def test_typed_view_checks_presence_types_and_choices():
+    """A job's config is parsed once into frozen dataclasses that declare no defaults (the YAML
+    holds them): a missing key, an unknown key, a wrong type or a value outside a ``Literal`` is a
+    one-line error naming the dotted key; ``as_dict`` gives the YAML-shaped data back."""
+    import dataclasses
+    from typing import Literal
+
+    from curation.common.config import as_dict, typed_view
+
+    @dataclasses.dataclass(frozen=True)
+    class Inner:
+        min: int
+        measure: Literal["verb", "nsubj_verb"]
+        threshold: float | None
+
+    @dataclasses.dataclass(frozen=True)
+    class Outer:
+        name: str
+        enabled: bool
+        inner: Inner
+        languages: tuple[str, ...]
+        options: dict
+        use_gpu: bool | Literal["auto"]
+
+    good = {"name": "x", "enabled": True, "languages": ["en"], "options": {"k": 1}, "use_gpu": "auto",
+            "inner": {"min": 2.0, "measure": "verb", "threshold": "1e-3"}}
+    view = typed_view(Outer, good)
+    assert view.inner.min == 2 and isinstance(view.inner.min, int)
+    assert view.inner.threshold == 1e-3 and view.languages == ("en",) and view.use_gpu == "auto"
+    assert as_dict(view) == {**good, "inner": {"min": 2, "measure": "verb", "threshold": 1e-3}}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        view.name = "y"
+    bad = [({"inner": {**good["inner"], "min": 1.5}}, "inner.min must be an integer"),
+           ({"inner": {**good["inner"], "measure": "verbs"}}, "inner.measure must be one of 'verb', 'nsubj_verb'"),
+           ({"enabled": "yes"}, "enabled must be true or false"),
+           ({"use_gpu": "maybe"}, "use_gpu must be one of bool, 'auto'"),
+           ({"extra": 1}, "unknown config key 'extra'"),
+           ({"inner": {"min": 1, "measure": "verb"}}, "missing config key 'inner.threshold'")]
+    for change, message in bad:
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+            typed_view(Outer, {**good, **change})

@@ -149,3 +149,133 @@ def user_error(exc) -> None:
     """Exit for a user mistake: ``error: ...`` in one line on stderr, exit code 2 (as argparse)."""
     print(f"error: {exc}", file=sys.stderr)
     raise SystemExit(2) from None
+
+
+# --- typed views ---------------------------------------------------------------------------------
+#
+# A job parses its merged config once into a tree of frozen dataclasses (``typed_view``) and reads
+# attributes from then on. The dataclasses declare names and types only, never defaults: the YAML in
+# configs/ is the one place a default lives, so every field must be present in the mapping (a key
+# the YAML lacks is a bug in the YAML, reported by its dotted name).
+
+
+def typed_view(cls: type, data: Mapping | None, name: str = "") -> Any:
+    """``data`` as the dataclass ``cls``: every field present, no unknown key, each value of its
+    annotated type (nested dataclasses, ``X | None``, ``Literal[...]`` choices, ``list[X]``/
+    ``tuple[X, ...]`` (stored as tuples), ``dict`` (a free-form mapping), ``Any``). An ``int`` field
+    takes an integral float (``2.0``), a ``float`` field any number (``1e-3``, which YAML reads as
+    a string, too). Mistakes raise :class:`ConfigError` naming the dotted key."""
+    import dataclasses
+    import typing
+
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{name or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key '{_dotted(name, unknown[0])}'")
+    values = {}
+    for key, field in fields.items():
+        dotted = _dotted(name, key)
+        if key not in data:
+            if field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING:
+                continue  # a derived field (set by the view itself, not by the YAML)
+            raise ConfigError(f"missing config key '{dotted}'")
+        values[key] = _coerce(hints[key], data[key], dotted)
+    return cls(**values)
+
+
+def _dotted(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    import dataclasses
+    import types
+    import typing
+
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return copy.deepcopy(value)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, name)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{name} must be one of {_describe(tp)}, got {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{name} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return typed_view(tp, value, name)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if tp in (int, float):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be {'an integer' if tp is int else 'a number'}, got {value!r}")
+        if tp is int:
+            if float(value) != int(value):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+            return int(value)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        return copy.deepcopy(dict(value))
+    if tp in (list, tuple) or origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        item = args[0] if args else Any
+        return tuple(_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value))
+    raise TypeError(f"typed_view: unsupported annotation {tp!r} for {name}")
+
+
+def _describe(tp: Any) -> str:
+    import typing
+
+    parts = []
+    for a in typing.get_args(tp):
+        if typing.get_origin(a) is typing.Literal:
+            parts.extend(repr(x) for x in typing.get_args(a))
+        else:
+            parts.append("null" if a is type(None) else getattr(a, "__name__", str(a)))
+    return ", ".join(parts)
+
+
+def as_dict(view: Any) -> dict:
+    """A typed view back as plain YAML-shaped data (tuples as lists), e.g. for ``summary.json``."""
+    import dataclasses
+
+    def plain(value):
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, Mapping):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(view)
