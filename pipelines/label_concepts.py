@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fsspec  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from curation.common.config import CONFIG_DIR, parse_cli  # noqa: E402
+from curation.common.config import CONFIG_DIR, ConfigError, parse_cli, user_error  # noqa: E402
 from training import concepts as C  # noqa: E402
 
 DEFAULT_CONFIG = CONFIG_DIR / "concepts" / "label_concepts.yaml"
@@ -314,6 +314,12 @@ def label_concepts(cfg: dict, log=print) -> dict:
 
 def main(argv=None) -> int:
     cfg = parse_cli(argv, DEFAULT_CONFIG, __doc__.splitlines()[0])
+    from training.concept_settings import parse_label_config
+
+    try:
+        parse_label_config(cfg)  # every key present and of its type, before any work
+    except ConfigError as exc:
+        user_error(exc)
     try:
         label_concepts(cfg)
     except LabelError as exc:

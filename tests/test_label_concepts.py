@@ -457,3 +457,19 @@ def test_read_curated_shard_records_broken_input(tmp_path):
     rows = pa.concat_tables(C.read_curated_shard(str(path))).to_pylist()
     assert rows[-1]["key"] == "00007/unreadable" and "unreadable" in rows[-1]["error"]
     assert [r["key"] for r in rows[:-1]] == ["a", "b", "c"] + [f"d{i}" for i in range(5)]
+
+
+def test_a_wrong_labelling_config_value_is_one_line_naming_the_key(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_job().main(["teacher.precision=fp8"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err]
+    assert err.startswith("error: teacher.precision must be one of 'fp32', 'fp16', 'bf16'"), err
+
+
+def test_the_labelling_yaml_parses_as_its_typed_view():
+    from training.concept_settings import parse_label_config
+
+    view = parse_label_config(build_config(CONFIG_DIR / "concepts" / "label_concepts.yaml"))
+    assert view.teacher.kind == "open_clip" and view.stages.embed.num_gpus == 0
