@@ -125,8 +125,11 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help=f"YAML merged over {DEFAULT.relative_to(CONFIG_DIR.parent)}")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_intermixed_args(argv)
+    from training.eval_settings import parse_eval_config
+
     try:
         full = build_config(DEFAULT, args.config, args.overrides)
+        parse_eval_config(full["eval"])  # every key present and of its type, before any work
     except ConfigError as exc:
         user_error(exc)
     cfg = full["eval"]

@@ -299,3 +299,18 @@ def test_job_on_a_tiny_open_clip_checkpoint(tmp_path, capsys):
     assert "cannot load" in capsys.readouterr().err or "does not fit" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown eval dataset"):
         load_eval_dataset("imagenet", {"wds": {}})
+
+
+def test_a_wrong_eval_config_value_is_one_line_naming_the_key(capsys):
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "evaluate_job_config_error", Path(__file__).resolve().parents[1] / "pipelines" / "evaluate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    with pytest.raises(SystemExit) as exit_info:
+        job.main(["no-such-checkpoint", "eval.device=gpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err]
+    assert err.startswith("error: eval.device must be one of 'auto', 'cpu', 'cuda'"), err
