@@ -9,12 +9,14 @@ need. See SPEC section 1 for the definitions reproduced here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Literal, Mapping, Sequence, get_args
 
 from curation.common.nlp import ATTRIBUTE_DEPS, is_object, subjects, with_conjuncts
 
-COMPLEXITY_MEASURES = ("scene_graph", "max_children", "entity_edges")
-ACTION_MEASURES = ("verb", "nsubj_verb")
+ComplexityMeasure = Literal["scene_graph", "max_children", "entity_edges"]
+ActionMeasure = Literal["verb", "nsubj_verb"]
+COMPLEXITY_MEASURES = get_args(ComplexityMeasure)
+ACTION_MEASURES = get_args(ActionMeasure)
 
 # --- Complexity -----------------------------------------------------------------------------
 
@@ -123,37 +125,81 @@ def actions_nsubj_verb(doc) -> int:
 # --- Configuration and batch scoring ------------------------------------------------------------
 
 @dataclass(frozen=True)
-class CaptionFilterConfig:
-    complexity_enabled: bool = True
-    complexity_measure: str = "scene_graph"
-    complexity_min: int = 1
-    entity_mode: str = "any"
-    action_enabled: bool = True
-    action_measure: str = "verb"
-    action_min: int = 1
+class ComplexitySettings:
+    """``filters.complexity`` (a typed view: the defaults live in the YAML)."""
 
-    def __post_init__(self):
-        if self.complexity_measure not in COMPLEXITY_MEASURES:
-            raise ValueError(f"filters.complexity.measure must be one of {COMPLEXITY_MEASURES}, "
-                             f"not {self.complexity_measure!r}")
-        if self.action_measure not in ACTION_MEASURES:
-            raise ValueError(f"filters.action.measure must be one of {ACTION_MEASURES}, "
-                             f"not {self.action_measure!r}")
-        if self.entity_mode not in ("any", "all"):
-            raise ValueError(f"filters.complexity.entity_mode must be 'any' or 'all', not {self.entity_mode!r}")
+    enabled: bool
+    measure: ComplexityMeasure     # scene_graph (DiHT) | max_children (Fondant) | entity_edges (Data-Juicer)
+    min: int                       # keep when complexity >= min
+    entity_mode: Literal["any", "all"]  # entity_edges only
+
+
+@dataclass(frozen=True)
+class ActionSettings:
+    """``filters.action``."""
+
+    enabled: bool
+    measure: ActionMeasure         # verb (Data-Juicer) | nsubj_verb (Fondant)
+    min: int                       # keep when the number of actions >= min
+
+
+@dataclass(frozen=True)
+class CaptionFilterConfig:
+    """What one spaCy parse scores: the Complexity and Action filters' settings (None: that
+    filter is not in the cascade, so off)."""
+
+    complexity: ComplexitySettings | None
+    action: ActionSettings | None
 
     @classmethod
-    def from_config(cls, filters: dict) -> "CaptionFilterConfig":
-        c, a = filters.get("complexity", {}), filters.get("action", {})
-        return cls(
-            complexity_enabled=bool(c.get("enabled", True)),
-            complexity_measure=c.get("measure", "scene_graph"),
-            complexity_min=int(c.get("min", 1)),
-            entity_mode=c.get("entity_mode", "any"),
-            action_enabled=bool(a.get("enabled", True)),
-            action_measure=a.get("measure", "verb"),
-            action_min=int(a.get("min", 1)),
-        )
+    def from_config(cls, filters: Mapping) -> "CaptionFilterConfig":
+        """From a ``filters`` mapping: name -> the filter's settings view, or its YAML section
+        (parsed here, errors naming ``filters.<name>.<key>``)."""
+        def section(name: str, kind: type):
+            value = filters[name] if name in filters else None
+            if value is None or isinstance(value, kind):
+                return value
+            from curation.common.config import typed_view
+
+            return typed_view(kind, value, f"filters.{name}")
+
+        return cls(section("complexity", ComplexitySettings), section("action", ActionSettings))
+
+    @classmethod
+    def defaults(cls, complexity: Mapping | None = None, action: Mapping | None = None) -> "CaptionFilterConfig":
+        """The YAML's ``filters.complexity`` and ``filters.action`` with changes (tests, tools)."""
+        from curation.settings import section_defaults
+
+        return cls.from_config({"complexity": {**section_defaults("filters.complexity"), **(complexity or {})},
+                                "action": {**section_defaults("filters.action"), **(action or {})}})
+
+    @property
+    def complexity_enabled(self) -> bool:
+        return self.complexity is not None and self.complexity.enabled
+
+    @property
+    def action_enabled(self) -> bool:
+        return self.action is not None and self.action.enabled
+
+    @property
+    def complexity_measure(self) -> str | None:
+        return self.complexity.measure if self.complexity else None
+
+    @property
+    def action_measure(self) -> str | None:
+        return self.action.measure if self.action else None
+
+    @property
+    def complexity_min(self) -> int | None:
+        return self.complexity.min if self.complexity else None
+
+    @property
+    def action_min(self) -> int | None:
+        return self.action.min if self.action else None
+
+    @property
+    def entity_mode(self) -> str | None:
+        return self.complexity.entity_mode if self.complexity else None
 
     @property
     def enabled(self) -> bool:

@@ -4,9 +4,15 @@ A filter (NeMo Curator's ``score_document`` / ``keep_document``, Data-Juicer's `
 / ``process``) is one subclass of :class:`Filter`, registered under the name of its section in
 the config's ``filters:`` mapping::
 
+    @dataclass(frozen=True)
+    class CaptionLengthSettings:     # its section's typed view: names and types, no defaults
+        enabled: bool
+        min: int
+
     @register_filter
     class CaptionLength(Filter):
         name = "caption_length"
+        Settings = CaptionLengthSettings
         scores = (("caption_words", pa.int32()),)
         histogram = Histogram("caption_words", "caption length", "words", cap=20)
 
@@ -14,9 +20,12 @@ the config's ``filters:`` mapping::
             return {"caption_words": [len(r["caption"].split()) for r in rows]}
 
         def keep(self, scores, rows):
-            return [n >= self.cfg.get("min", 1) for n in scores["caption_words"]]
+            return [n >= self.cfg.min for n in scores["caption_words"]]
 
-Everything else follows from that class and its config section: the cascade order is the order
+The registry parses the filter's section into its ``Settings`` (a missing, unknown or mistyped
+key is a one-line error naming ``filters.caption_length.<key>``; the defaults live in the YAML;
+a filter without ``Settings`` gets its section as a plain dict). Everything else follows from
+that class and its config section: the cascade order is the order
 of ``filters:``; the pipeline (:mod:`curation.pipeline`) runs one Ray Data stage per filter, or
 per run of adjacent filters with the same :attr:`Filter.stage` (Complexity and Action share one
 spaCy parse), and each stage scores only the samples that no earlier filter dropped (every
@@ -28,9 +37,12 @@ examples (:mod:`curation.output`, :mod:`curation.report`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
+
+from curation.caption_filters import ActionSettings, CaptionFilterConfig, ComplexitySettings
+from curation.ocr import TextSpottingConfig
 
 EVALUATED = "evaluated"          # a filter's status column: it scored the sample,
 NOT_EVALUATED = "not_evaluated"  # the cascade skipped it (an earlier filter had dropped it),
@@ -53,11 +65,14 @@ class Filter:
     """One filter: its stats columns, a batched ``score`` and a ``keep`` decision from the scores.
 
     Subclasses set the class attributes and implement :meth:`score` and :meth:`keep`; an instance
-    holds its config section (``self.cfg``) and the whole job config (``self.job``), and is
-    shipped to the Ray workers, where :meth:`setup` runs once per actor (or worker process).
+    holds its config section (``self.cfg``: its ``Settings`` view; None for a filter built
+    without a config, which only describes its columns) and the whole job config (``self.job``:
+    a :class:`curation.settings.CurationConfig`), and is shipped to the Ray workers, where
+    :meth:`setup` runs once per actor (or worker process).
     """
 
     name: str = ""                          # its section under ``filters:``; the drop reason
+    Settings: type | None = None            # the frozen dataclass of its section (None: a dict)
     inputs: tuple = ("caption",)            # the row columns :meth:`score` reads
     scores: tuple = ()                      # (column, pyarrow type): stats and the sample's json
     details: tuple = ()                     # (column, pyarrow type): stats only, after the verdict
@@ -70,19 +85,40 @@ class Filter:
     histogram: Histogram | None = None      # the report's chart
     evaluated_note: str | None = None       # the report's line under the funnel ({n} samples)
 
-    def __init__(self, cfg: dict | None = None, job: dict | None = None):
-        self.cfg, self.job = dict(cfg or {}), job or {}
-        self.check()
+    def __init__(self, cfg: Any = None, job: Any = None):
+        if isinstance(cfg, Mapping) and self.Settings is not None:
+            cfg = self.parse_settings(cfg, f"filters.{self.name}")
+        self.cfg, self.job = cfg, job
+        if cfg is not None:
+            self.check()
+
+    @classmethod
+    def parse_settings(cls, section: Mapping | None, name: str) -> Any:
+        """Its config section as its :attr:`Settings` view (a plain dict without one)."""
+        if cls.Settings is None:
+            return dict(section or {})
+        from curation.common.config import typed_view
+
+        return typed_view(cls.Settings, section, name)
 
     # --- what the rest of the job reads ---------------------------------------------------------
+    def _switch(self, key: str) -> bool:
+        """A yes/no setting of the section; one that it does not have is off (a filter without a
+        config is on: it only describes its columns)."""
+        if self.cfg is None:
+            return key == "enabled"
+        if isinstance(self.cfg, Mapping):
+            return bool(self.cfg.get(key, key == "enabled"))
+        return bool(getattr(self.cfg, key, key == "enabled"))
+
     @property
     def enabled(self) -> bool:
-        return bool(self.cfg.get("enabled", True))
+        return self._switch("enabled")
 
     @property
     def evaluate_all(self) -> bool:
         """Score every pending sample, not only those that passed the filters before it."""
-        return bool(self.cfg.get("evaluate_all", False))
+        return self._switch("evaluate_all")
 
     @property
     def stage_key(self) -> str:
@@ -100,9 +136,9 @@ class Filter:
         """Where the decision falls on :attr:`histogram`'s axis (None: no line)."""
         return None
 
-    def batch_size(self, stage: dict) -> int | None:
+    def batch_size(self, stage) -> int | None:
         """Rows per call of the stage (``stages.<stage>.batch_size``; None: one block)."""
-        return stage.get("batch_size")
+        return stage.batch_size
 
     def card(self, row: dict) -> str | None:
         """Its scores on the report's example cards (``column=value``; None: nothing)."""
@@ -138,22 +174,28 @@ def register_filter(cls: type[Filter]) -> type[Filter]:
     return cls
 
 
-def build_filters(job: dict, strict: bool = True) -> list[Filter]:
-    """The cascade: one filter per section of ``job["filters"]``, in the config's order.
-    Raises ValueError for an unknown filter (skipped when not ``strict``) or a setting out of
-    its allowed values."""
-    out = []
-    for name, section in (job.get("filters") or {}).items():
-        if name not in FILTER_TYPES and not strict:
-            continue
-        if name not in FILTER_TYPES:
-            raise ValueError(f"filters.{name}: no such filter (registered: {', '.join(FILTER_TYPES)})")
-        out.append(FILTER_TYPES[name](section or {}, job))
-    return out
+def build_filters(job, strict: bool = True) -> list[Filter]:
+    """The cascade: one filter per section of the job's ``filters``, in the config's order.
+    ``job`` is the job's :class:`~curation.settings.CurationConfig`, or the merged config dict
+    (parsed here). Raises ValueError for an unknown filter (skipped when not ``strict``) or a
+    setting out of its allowed values."""
+    if isinstance(job, Mapping):
+        from curation.settings import curation_config
+
+        job = curation_config(job, strict=strict)
+    return [FILTER_TYPES[name](settings, job) for name, settings in job.filters.items()]
+
+
+def filters_from_sections(filters: Mapping, job: Any = None, strict: bool = True) -> list[Filter]:
+    """The cascade from a ``filters`` mapping alone (name -> YAML section), e.g. a recorded one."""
+    from curation.settings import parse_filters
+
+    return [FILTER_TYPES[name](settings, job) for name, settings in parse_filters(filters, strict).items()]
 
 
 def default_filters() -> list[Filter]:
-    """Every registered filter with its defaults, in registration order (CAT first)."""
+    """Every registered filter, in registration order (CAT first), without a config: their
+    columns, charts and cards."""
     return [cls() for cls in FILTER_TYPES.values()]
 
 
@@ -196,30 +238,24 @@ class _CaptionFilter(Filter):
     resources = {"actors": 1, "num_cpus": 0.5, "num_gpus": 0, "batch_size": None}
     column: str = ""
 
-    def check(self) -> None:
-        self.caption_config()
-
-    def caption_config(self):
-        from curation.caption_filters import CaptionFilterConfig
-
-        return CaptionFilterConfig.from_config({**(self.job.get("filters") or {}), self.name: self.cfg})
+    def caption_config(self) -> CaptionFilterConfig:
+        """Complexity and Action of the cascade (one parse scores both)."""
+        cascade = self.job.filters if self.job is not None else {}
+        return CaptionFilterConfig.from_config({**cascade, self.name: self.cfg})
 
     def setup(self, shared: dict) -> None:
         if "caption_scorer" not in shared:
             from curation.caption_filters import CaptionScorer
 
-            spacy = self.job.get("spacy") or {}
-            shared["caption_scorer"] = CaptionScorer(self.caption_config(),
-                                                     model=spacy.get("model", "en_core_web_sm"),
-                                                     batch_size=int(spacy.get("batch_size", 256)))
+            spacy = self.job.spacy
+            shared["caption_scorer"] = CaptionScorer(self.caption_config(), model=spacy.model,
+                                                     batch_size=spacy.batch_size)
 
     def threshold(self) -> float | None:
-        if self.cfg.get("min") is None:
-            return None
-        return float(min(int(self.cfg["min"]), self.histogram.cap))
+        return float(min(self.cfg.min, self.histogram.cap))
 
     def keep(self, scores, rows):
-        return [v >= int(self.cfg.get("min", 1)) for v in scores[self.column]]
+        return [v >= self.cfg.min for v in scores[self.column]]
 
     def card(self, row: dict) -> str | None:
         return None if row.get(self.column) is None else f"{self.name[0].upper()}={row[self.column]}"
@@ -230,6 +266,7 @@ class ComplexityFilter(_CaptionFilter):
     """C: the caption's complexity (:mod:`curation.caption_filters`) at least ``min``."""
 
     name, column = "complexity", "complexity"
+    Settings = ComplexitySettings
     scores = (("complexity", pa.int32()),)
     histogram = Histogram("complexity", "caption complexity (evaluated)", "complexity score", cap=6)
 
@@ -242,6 +279,7 @@ class ActionFilter(_CaptionFilter):
     """A: the number of actions in the caption at least ``min``."""
 
     name, column = "action", "num_actions"
+    Settings = ActionSettings
     scores = (("num_actions", pa.int32()),)
     histogram = Histogram("num_actions", "actions per caption (evaluated)", "actions in the caption", cap=5)
 
@@ -252,14 +290,19 @@ class ActionFilter(_CaptionFilter):
 CPU_OCR_ROWS, GPU_OCR_ROWS = 4, 64
 
 
-def ocr_rows_per_call(ocr_stage: dict) -> int:
+def ocr_threads(ocr_stage) -> int:
+    """``stages.ocr.torch_threads``, or when null round(num_cpus), at least 1."""
+    return ocr_stage.torch_threads or max(1, round(ocr_stage.num_cpus))
+
+
+def ocr_rows_per_call(ocr_stage) -> int:
     """``stages.ocr.batch_size``, or when null: 4 images per call on CPU (EasyOCR reads them one
     by one there, and small calls let the actors share the tail of a run evenly: with 16 per call,
     24 images on 2 actors left one actor idle for a third of the run) and 64 on a GPU (batched
     inference)."""
-    if ocr_stage.get("batch_size"):
-        return int(ocr_stage["batch_size"])
-    return GPU_OCR_ROWS if float(ocr_stage.get("num_gpus") or 0) > 0 else CPU_OCR_ROWS
+    if ocr_stage.batch_size:
+        return ocr_stage.batch_size
+    return GPU_OCR_ROWS if ocr_stage.num_gpus > 0 else CPU_OCR_ROWS
 
 
 @register_filter
@@ -267,6 +310,7 @@ class TextSpottingFilter(Filter):
     """T: OCR the image (:mod:`curation.ocr`); drop when its text overlaps the caption."""
 
     name, stage = "text_spotting", "ocr"
+    Settings = TextSpottingConfig
     inputs = ("image", "caption")
     scores = (("ocr_text", pa.string()), ("ocr_boxes", pa.int32()), ("text_overlap", pa.float32()))
     details = (("ocr_engine", pa.string()), ("ocr_side", pa.int32()), ("text_rule", pa.string()))
@@ -276,35 +320,27 @@ class TextSpottingFilter(Filter):
                           "caption words found in the image text", bins=10)
     evaluated_note = "OCR ran on {n} samples."
 
-    def check(self) -> None:
-        self.ts = self.config()
+    @property
+    def ts(self) -> TextSpottingConfig:
+        return self.cfg
 
-    def config(self):
-        from curation.ocr import TextSpottingConfig
-
-        return TextSpottingConfig.from_config(self.cfg)
-
-    def batch_size(self, stage: dict) -> int | None:
+    def batch_size(self, stage) -> int | None:
         return ocr_rows_per_call(stage)
 
     def threshold(self) -> float | None:
-        if self.cfg.get("threshold") is None or self.ts.overlap.measure == "fondant":
+        if self.ts.overlap.measure == "fondant":
             return None
-        return float(self.cfg["threshold"]) * self.histogram.bins
+        return self.ts.threshold * self.histogram.bins
 
     def setup(self, shared: dict) -> None:
         """The OCR reader, built once per actor (``stages.ocr`` sets threads, GPU, batch)."""
         if "spotter" in shared:
             return
-        from curation.ingest import IngestOptions
         from curation.ocr import make_spotter
 
-        os_ = (self.job.get("stages") or {}).get("ocr") or {}
-        threads = os_.get("torch_threads") or max(1, round(float(os_.get("num_cpus", 1))))
-        shared["spotter"] = make_spotter(
-            self.ts, IngestOptions.from_config(self.job.get("ingest") or {}).max_image_pixels,
-            gpu=float(os_.get("num_gpus") or 0) > 0, threads=threads,
-            ocr_batch_size=int(os_.get("ocr_batch_size", 16)))
+        os_ = self.job.stages.ocr
+        shared["spotter"] = make_spotter(self.ts, self.job.ingest.max_image_pixels, gpu=os_.num_gpus > 0,
+                                         threads=ocr_threads(os_), ocr_batch_size=os_.ocr_batch_size)
 
     def score(self, rows, shared, memo):
         results = shared["spotter"].spot([r["image"] for r in rows], [r["caption"] for r in rows])

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from webdataset.tariterators import tar_file_iterator
 
-from curation.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BadImage, probe_image
+from curation.images import IMAGE_EXTENSIONS, BadImage, probe_image
 
 PENDING, KEPT, DROPPED, ERROR, NOT_DOWNLOADED = "pending", "kept", "dropped", "error", "not_downloaded"
 SHARD_END = "shard_end"  # status of the marker row closing each shard's stream
@@ -68,16 +68,22 @@ class InputShard:
 
 @dataclass(frozen=True)
 class IngestOptions:
-    max_caption_chars: int = 4096
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
-    decode_images: bool = True
-    rows_per_block: int = 256
-    read_retries: int = 3          # I/O errors reading a shard: retries (backoff doubles each time)
-    retry_backoff_s: float = 1.0
+    """The job's ``ingest:`` section (a typed view: the defaults live in the YAML)."""
+
+    max_caption_chars: int
+    max_image_pixels: int
+    decode_images: bool
+    rows_per_block: int
+    read_retries: int              # I/O errors reading a shard: retries (backoff doubles each time)
+    retry_backoff_s: float
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "IngestOptions":
-        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
+    def defaults(cls, **changes) -> "IngestOptions":
+        """The YAML's ``ingest`` section with ``changes`` (for tests and tools)."""
+        from curation.common.config import typed_view
+        from curation.settings import section_defaults
+
+        return typed_view(cls, {**section_defaults("ingest"), **changes}, "ingest")
 
 
 def _stem(path: str) -> str:

@@ -17,12 +17,12 @@ Ray actor holds: it is built once and then scores batches of ``(image bytes, cap
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from dataclasses import dataclass
+from typing import Literal, Mapping, Protocol, Sequence
 
 import numpy as np
 from curation.images import DEFAULT_MAX_PIXELS, BadImage, decode_rgb
-from curation.text_overlap import TextOverlapConfig
+from curation.text_overlap import Measure, TextOverlapConfig
 
 BACKENDS = ("ppocr", "easyocr")
 DEFAULT_MEASURE = {"ppocr": "partial", "easyocr": "content_words"}  # measure: null
@@ -94,38 +94,38 @@ def make_backend(name: str, **kwargs) -> OCRBackend:
 
 @dataclass(frozen=True)
 class TextSpottingConfig:
-    enabled: bool = True
-    measure: str | None = None       # None: the backend's rule (DEFAULT_MEASURE)
-    threshold: float = 0.4
-    min_confidence: float = 0.3
-    max_side: int | None = 512       # decode size: recognition reads crops of this image
-    backend: str = "ppocr"
-    recogniser: str = "ppocr"        # ppocr backend: ppocr | easyocr
-    det_side: int | None = None      # ppocr backend: detector input size (None: max_side)
-    languages: tuple = ("en",)
-    evaluate_all: bool = False
-    overlap: TextOverlapConfig = field(init=False)
+    """``filters.text_spotting`` (a typed view: the defaults live in the YAML); ``overlap`` is the
+    drop rule it implies (``measure: null``: the backend's, :data:`DEFAULT_MEASURE`)."""
+
+    enabled: bool
+    backend: Literal["ppocr", "easyocr"]
+    recogniser: Literal["ppocr", "easyocr"]   # ppocr backend: ppocr | easyocr
+    det_side: int | None             # ppocr backend: detector input size (None: max_side)
+    languages: tuple[str, ...]       # easyocr backend
+    measure: Measure | None          # None: the backend's rule (DEFAULT_MEASURE)
+    threshold: float
+    min_confidence: float
+    max_side: int | None             # decode size: recognition reads crops of this image
+    evaluate_all: bool
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise ValueError(f"filters.text_spotting.backend must be one of {', '.join(BACKENDS)}, "
-                             f"not {self.backend!r}")
+        # derived, not a field (as_dict gives the YAML section back); checks the threshold
         measure = self.measure or DEFAULT_MEASURE[self.backend]
         object.__setattr__(self, "overlap", TextOverlapConfig(measure, float(self.threshold)))
-        if self.backend == "ppocr":
-            from curation.ocr_ppocr import RECOGNISERS
-
-            if self.recogniser not in RECOGNISERS:
-                raise ValueError(f"filters.text_spotting.recogniser must be one of "
-                                 f"{', '.join(RECOGNISERS)}, not {self.recogniser!r}")
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "TextSpottingConfig":
-        kw = {k: cfg[k] for k in ("enabled", "measure", "threshold", "min_confidence", "max_side",
-                                  "backend", "recogniser", "det_side", "evaluate_all") if k in cfg}
-        if "languages" in cfg:
-            kw["languages"] = tuple(cfg["languages"])
-        return cls(**kw)
+    def from_config(cls, section: Mapping, name: str = "filters.text_spotting") -> "TextSpottingConfig":
+        """The section parsed (errors name ``filters.text_spotting.<key>``)."""
+        from curation.common.config import typed_view
+
+        return typed_view(cls, section, name)
+
+    @classmethod
+    def defaults(cls, **changes) -> "TextSpottingConfig":
+        """The YAML's ``filters.text_spotting`` with ``changes`` (for tests and tools)."""
+        from curation.settings import section_defaults
+
+        return cls.from_config({**section_defaults("filters.text_spotting"), **changes})
 
     @property
     def side(self) -> int | None:

@@ -32,12 +32,14 @@ from collections import defaultdict
 
 import pyarrow as pa
 
-from curation.filters import Filter, TextSpottingFilter, build_filters, ocr_rows_per_call, stage_groups
+from curation.filters import (Filter, TextSpottingFilter, build_filters, ocr_rows_per_call, ocr_threads,
+                              stage_groups)
 from curation.ingest import (ERROR, PENDING, SHARD_END, SHARD_FAILED, IngestOptions, InputError, InputShard,
                              discover_shards, read_shard)
 from curation.ocr import TextSpotter, TextSpottingConfig, make_spotter
 from curation.output import (EVALUATED, NOT_EVALUATED, OutputFolder, aggregate, finalize_shard,
                              format_funnel, write_part)
+from curation.settings import CurationConfig, StageResources, curation_config, with_defaults
 from curation.common.jobs import init_ray, versions, warn_local_paths_on_cluster
 from curation.common.storage import Storage, absolute
 
@@ -184,7 +186,7 @@ class CaptionFilterStage(FilterStage):
 
     def __init__(self, filters: dict, spacy_cfg: dict, ocr_all: bool = False,
                  storage: Storage | None = None):
-        job = {"filters": filters, "spacy": spacy_cfg}
+        job = curation_config({**with_defaults({"spacy": spacy_cfg}), "filters": filters})
         cascade = [f for f in build_filters(job) if f.stage_key == "caption"]
         super().__init__(cascade, keep_payload=ocr_all, storage=storage)
 
@@ -195,9 +197,7 @@ def add_text_spotting(batch: pa.Table, spotter: TextSpotter) -> pa.Table:
 
     An image that cannot be decoded for OCR turns its row into a per-sample error.
     """
-    f = TextSpottingFilter({"evaluate_all": spotter.cfg.evaluate_all})
-    f.ts = spotter.cfg
-    return score_stage(batch, [f], {"spotter": spotter})
+    return score_stage(batch, [TextSpottingFilter(spotter.cfg)], {"spotter": spotter})
 
 
 class TextSpottingStage:
@@ -205,12 +205,13 @@ class TextSpottingStage:
     in blocks of images: the T stage with explicit settings, which the re-selection subclasses
     (the CAT filter job's own T stage is a :class:`FilterStage`)."""
 
-    def __init__(self, ts_cfg: dict, max_pixels: int, gpu: bool, torch_threads: int | None,
+    def __init__(self, ts_cfg: TextSpottingConfig, max_pixels: int, gpu: bool, torch_threads: int | None,
                  ocr_batch_size: int, storage: Storage | None = None):
         if storage is not None:
             storage.apply()
-        self.spotter = make_spotter(TextSpottingConfig.from_config(ts_cfg), max_pixels, gpu,
-                                    torch_threads, ocr_batch_size)
+        if not isinstance(ts_cfg, TextSpottingConfig):  # the YAML section
+            ts_cfg = TextSpottingConfig.from_config(ts_cfg)
+        self.spotter = make_spotter(ts_cfg, max_pixels, gpu, torch_threads, ocr_batch_size)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return add_text_spotting(batch, self.spotter)
@@ -219,17 +220,17 @@ class TextSpottingStage:
 # --- driver ---------------------------------------------------------------------------------------
 
 
-def ocr_actor_count(ocr_stage: dict, caption_reserved: float) -> int:
+def ocr_actor_count(ocr_stage: StageResources, caption_reserved: float) -> int:
     """``stages.ocr.actors`` (any stage's ``actors``), or when null as many as the cluster's CPUs
     (GPUs with num_gpus) hold next to the other stages' actors (``caption_reserved`` CPUs)."""
     import ray
 
-    if ocr_stage.get("actors"):
-        return int(ocr_stage["actors"])
+    if ocr_stage.actors:
+        return ocr_stage.actors
     res = ray.cluster_resources()
-    if ocr_stage.get("num_gpus"):
-        return max(1, int(res.get("GPU", 0) / float(ocr_stage["num_gpus"])))
-    return max(1, int((res.get("CPU", 1) - caption_reserved) / float(ocr_stage["num_cpus"]) + 1e-9))
+    if ocr_stage.num_gpus:
+        return max(1, int(res.get("GPU", 0) / ocr_stage.num_gpus))
+    return max(1, int((res.get("CPU", 1) - caption_reserved) / ocr_stage.num_cpus + 1e-9))
 
 
 class ShardTracker:
@@ -313,42 +314,49 @@ def write_blocks(batch: pa.Table, out_url: str, tracker, storage: Storage | None
     return pa.Table.from_pylist(results, schema=RESULT_SCHEMA)
 
 
-def stage_settings(group: list[Filter], cfg: dict) -> dict:
-    """A stage's resources: its filters' defaults (:attr:`Filter.resources`) under the config's
-    ``stages.<stage>`` (e.g. ``stages.caption``, ``stages.ocr``)."""
-    return {**group[0].resources, **((cfg.get("stages") or {}).get(group[0].stage_key) or {})}
+def stage_settings(group: list[Filter], cfg: CurationConfig) -> StageResources:
+    """A stage's resources: the config's ``stages.<stage>`` (e.g. ``stages.caption``,
+    ``stages.ocr``; a plug-in filter's over its :attr:`Filter.resources`)."""
+    return cfg.stages.stage(group[0].stage_key)
 
 
-def build_dataset(pending: list[InputShard], cfg: dict, out_url: str, tracker,
+def set_data_context(cfg: CurationConfig) -> None:
+    """Ray Data's progress bars (``progress``) and actor start-up wait (``stages.wait_for_actors_s``)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress
+    if cfg.stages.wait_for_actors_s:
+        ctx.wait_for_min_actors_s = int(cfg.stages.wait_for_actors_s)
+
+
+def build_dataset(pending: list[InputShard], cfg: CurationConfig, out_url: str, tracker,
                   storage: Storage | None = None):
     """read -> one stage per run of filters sharing a stage key, in cascade order -> write."""
     import ray
 
-    stages, opts = cfg["stages"], IngestOptions.from_config(cfg["ingest"])
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = bool(cfg.get("progress", True))
-    if stages.get("wait_for_actors_s"):
-        ctx.wait_for_min_actors_s = int(stages["wait_for_actors_s"])
+    stages, opts = cfg.stages, cfg.ingest
+    set_data_context(cfg)
     filters = build_filters(cfg)
     groups = [g for g in stage_groups(filters) if any(f.enabled for f in g)]
     settings = [stage_settings(g, cfg) for g in groups]
     # When the first stage is a fixed-size actor pool (the caption stage), the read runs inside
     # its actors: Ray Data fuses the two only when their resources are equal, and an unfused read
     # task could wait forever for a CPU that the actor pools hold.
-    fused = bool(settings) and bool(settings[0].get("actors"))
-    read_res = ({"num_cpus": settings[0]["num_cpus"], "num_gpus": settings[0].get("num_gpus", 0)} if fused
-                else {"num_cpus": stages["read"]["num_cpus"]})
-    reserved = 0.0 if fused else float(stages["read"]["num_cpus"])
-    reserved += sum(float(st["actors"]) * float(st["num_cpus"]) for st in settings if st.get("actors"))
+    fused = bool(settings) and bool(settings[0].actors)
+    read_res = ({"num_cpus": settings[0].num_cpus, "num_gpus": settings[0].num_gpus} if fused
+                else {"num_cpus": stages.read.num_cpus})
+    reserved = 0.0 if fused else stages.read.num_cpus
+    reserved += sum(st.actors * st.num_cpus for st in settings if st.actors)
     ds = ray.data.from_items([s.to_dict() for s in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(read_shards_batch, fn_kwargs={"opts": opts, "storage": storage},
                         batch_size=1, batch_format="pyarrow",
-                        concurrency=stages["read"].get("concurrency"), **read_res)
+                        concurrency=stages.read.concurrency, **read_res)
     for k, (group, st) in enumerate(zip(groups, settings)):
         later = [f for g in groups[k + 1:] for f in g if f.enabled]
         keep_payload = any(f.evaluate_all for f in later)  # a later stage needs every pending image
-        res = {"num_cpus": st["num_cpus"], "num_gpus": float(st.get("num_gpus") or 0)}
-        if st.get("actors") == 0:  # Ray tasks, set up once per worker process
+        res = {"num_cpus": st.num_cpus, "num_gpus": st.num_gpus}
+        if st.actors == 0:  # Ray tasks, set up once per worker process
             key = json.dumps([[f.name, f.cfg] for f in group], sort_keys=True, default=str)
             ds = ds.map_batches(filter_stage_task, fn_kwargs={"filters": group, "keep_payload": keep_payload,
                                                               "key": key, "storage": storage},
@@ -360,38 +368,36 @@ def build_dataset(pending: list[InputShard], cfg: dict, out_url: str, tracker,
                             batch_size=group[0].batch_size(st), batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(
                                 size=ocr_actor_count(st, reserved),
-                                max_tasks_in_flight_per_actor=st.get("tasks_in_flight_per_actor")),
+                                max_tasks_in_flight_per_actor=getattr(st, "tasks_in_flight_per_actor", None)),
                             **res)
     return add_write_stage(ds, cfg, out_url, tracker, storage)
 
 
-def add_ocr_stage(ds, cfg: dict, reserved: float, storage: Storage | None = None,
+def add_ocr_stage(ds, cfg: CurationConfig, reserved: float, storage: Storage | None = None,
                   stage=TextSpottingStage, **stage_kwargs):
     """The OCR actor pool (``stages.ocr``) after ``ds``; ``stage`` is :class:`TextSpottingStage`
     or a subclass that takes ``stage_kwargs`` too (the re-selection's)."""
     import ray
 
-    os_ = cfg["stages"]["ocr"]
-    gpus = float(os_.get("num_gpus") or 0)
-    threads = os_.get("torch_threads") or max(1, round(float(os_["num_cpus"])))
+    os_ = cfg.stages.ocr
     return ds.map_batches(stage,
-                          fn_constructor_kwargs={"ts_cfg": cfg["filters"]["text_spotting"],
-                                                 "max_pixels": IngestOptions.from_config(cfg["ingest"]).max_image_pixels,
-                                                 "gpu": gpus > 0, "torch_threads": threads,
-                                                 "ocr_batch_size": os_["ocr_batch_size"],
+                          fn_constructor_kwargs={"ts_cfg": cfg.filters["text_spotting"],
+                                                 "max_pixels": cfg.ingest.max_image_pixels,
+                                                 "gpu": os_.num_gpus > 0, "torch_threads": ocr_threads(os_),
+                                                 "ocr_batch_size": os_.ocr_batch_size,
                                                  "storage": storage, **stage_kwargs},
                           batch_size=ocr_rows_per_call(os_), batch_format="pyarrow",
                           compute=ray.data.ActorPoolStrategy(size=ocr_actor_count(os_, reserved)),
-                          num_cpus=os_["num_cpus"], num_gpus=gpus)
+                          num_cpus=os_.num_cpus, num_gpus=os_.num_gpus)
 
 
-def add_write_stage(ds, cfg: dict, out_url: str, tracker, storage: Storage | None = None):
+def add_write_stage(ds, cfg: CurationConfig, out_url: str, tracker, storage: Storage | None = None):
     """The writer tasks (``stages.write``): parts, then each completed shard finalized."""
-    ws = cfg["stages"]["write"]
+    ws = cfg.stages.write
     return ds.map_batches(write_blocks, fn_kwargs={"out_url": out_url, "tracker": tracker,
                                                    "storage": storage, "filters": build_filters(cfg)},
-                          batch_size=None, batch_format="pyarrow", num_cpus=ws["num_cpus"],
-                          concurrency=ws.get("concurrency"))
+                          batch_size=None, batch_format="pyarrow", num_cpus=ws.num_cpus,
+                          concurrency=ws.concurrency)
 
 
 class ShardProgress:
@@ -419,7 +425,11 @@ SETTINGS_FILE = "job_settings.json"
 def deciding_settings(cfg: dict, input_url: str) -> dict:
     """The settings that decide what an output holds: the input and how it is read, the filters
     (thresholds, switches, OCR engine and sizes) and the spaCy model. Not the resources, batch
-    sizes, progress or report switches: changing those never changes a shard."""
+    sizes, progress or report switches: changing those never changes a shard.
+
+    ``cfg`` is a merged config as given or as recorded (a plain mapping: the running job's, or
+    the ``config`` of an older output's summary.json, which may lack keys added since), so the
+    recorded settings stay what earlier versions wrote and their outputs still resume."""
     import json
 
     ingest = cfg.get("ingest") or {}
@@ -487,29 +497,40 @@ def guard_settings(out: OutputFolder, settings: dict, overwrite: bool, committed
         "start again")
 
 
+def parse_config(cfg: dict) -> CurationConfig:
+    """The merged config's typed view, once at a job's entry; a mistake (a missing, unknown or
+    mistyped key, a value outside its choices, an unknown filter) is a :class:`SettingsError`."""
+    try:
+        view = curation_config(cfg)
+        build_filters(view)  # each filter's own checks
+    except (ValueError, TypeError) as exc:  # a setting out of its allowed values
+        raise SettingsError(str(exc)) from None
+    return view
+
+
 def curate(cfg: dict, log=print) -> dict:
-    """Run the CAT filter job described by ``cfg``; returns the summary written to summary.json."""
+    """Run the CAT filter job described by ``cfg`` (the merged config, parsed here once into its
+    typed view); returns the summary written to summary.json."""
     import ray
 
     started = time.time()
-    try:
-        build_filters(cfg)
-    except (ValueError, TypeError) as exc:  # a setting out of its allowed values
-        raise SettingsError(str(exc)) from None
-    storage = Storage.capture(cfg.get("storage_options")).apply()
-    input_url = cfg.get("input")
+    raw, cfg = cfg, parse_config(cfg)
+    storage = Storage.capture(cfg.storage_options).apply()
+    input_url = cfg.input
     if not input_url:
         from curation.demo_data import build_demo_dataset
 
-        input_url = build_demo_dataset(cfg["demo"]["output"], **{k: v for k, v in cfg["demo"].items() if k != "output"})
+        demo = cfg.demo
+        input_url = build_demo_dataset(demo.output, num_samples=demo.num_samples, num_shards=demo.num_shards,
+                                       seed=demo.seed)
         log(f"no input given: using the embedded demo dataset at {input_url}")
     try:
-        shards = discover_shards(input_url, cfg.get("input_format", "auto"))
+        shards = discover_shards(input_url, cfg.input_format)
     except InputError as exc:
         raise SettingsError(str(exc)) from None
-    out = prepare_output(cfg["output"])
-    done = guard_settings(out, deciding_settings(cfg, absolute(input_url)), bool(cfg.get("overwrite")),
-                          out.committed(), log)
+    out = prepare_output(cfg.output)
+    # the recorded settings come from the merged config as given (outputs resume as before)
+    done = guard_settings(out, deciding_settings(raw, absolute(input_url)), cfg.overwrite, out.committed(), log)
     out.clean_tmp()
     pending = [s for s in shards if s.name not in done]
     log(f"{len(shards)} input shards in {input_url}: {len(shards) - len(pending)} already done, "
@@ -517,13 +538,13 @@ def curate(cfg: dict, log=print) -> dict:
 
     failures = {}
     if pending:
-        init_ray(cfg.get("ray", {}), storage)
-        warn_local_paths_on_cluster({"input": input_url, "output": cfg["output"]}, log)
+        init_ray(cfg.ray, storage)
+        warn_local_paths_on_cluster({"input": input_url, "output": cfg.output}, log)
         tracker = ray.remote(ShardTracker).options(num_cpus=0).remote()
         ds = build_dataset(pending, cfg, out.url, tracker, storage)
         failures = run_to_commit(ds, tracker, out, pending,
                                  ShardProgress(len(shards), len(shards) - len(pending)), log)
-    return finish_job(out, cfg, input_url, len(shards), failures, started, log)
+    return finish_job(out, cfg, raw, input_url, len(shards), failures, started, log)
 
 
 def run_to_commit(ds, tracker, out: OutputFolder, pending: list[InputShard], progress: ShardProgress,
@@ -557,11 +578,11 @@ def run_to_commit(ds, tracker, out: OutputFolder, pending: list[InputShard], pro
     return failures
 
 
-def finish_job(out: OutputFolder, cfg: dict, input_url: str, input_shards: int, failures: dict,
-               started: float, log=print, extra: dict | None = None) -> dict:
+def finish_job(out: OutputFolder, cfg: CurationConfig, raw: dict, input_url: str, input_shards: int,
+               failures: dict, started: float, log=print, extra: dict | None = None) -> dict:
     """Add up the committed shards' summaries into ``shards/sizes.json`` and ``summary.json``
-    (plus ``extra``), log the funnel, write the report; raise :class:`PipelineError` naming the
-    failed shards. Returns the summary."""
+    (plus ``extra``; its ``config`` is ``raw``, the merged config as given), log the funnel,
+    write the report; raise :class:`PipelineError` naming the failed shards. Returns the summary."""
     committed = out.committed()
     total, sizes_, totals = aggregate(out, committed, build_filters(cfg))
     summary = {
@@ -569,8 +590,8 @@ def finish_job(out: OutputFolder, cfg: dict, input_url: str, input_shards: int, 
         "shards": {"input": input_shards, "committed": len(committed), "failed": failures},
         "bytes": totals,
         "input": input_url,
-        "output": cfg["output"],
-        "config": cfg,
+        "output": cfg.output,
+        "config": raw,
         **(extra or {}),
         "versions": versions(),
         "elapsed_s": round(time.time() - started, 2),
@@ -578,7 +599,7 @@ def finish_job(out: OutputFolder, cfg: dict, input_url: str, input_shards: int, 
     out.write_json("shards/sizes.json", sizes_)
     out.write_json("summary.json", summary)
     log("CAT filter funnel (all committed shards):\n" + format_funnel(summary["funnel"]))
-    if cfg.get("report", True):
+    if cfg.report:
         from curation.report import write_report
 
         try:

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from curation.images import BadImage, decode_rgb
 from curation.ingest import DROPPED, ERROR, KEPT, NOT_DOWNLOADED, IngestOptions, discover_shards, read_shard
-from curation.filters import Filter, Histogram, build_filters, default_filters
+from curation.filters import Filter, Histogram, default_filters, filters_from_sections
 from curation.output import OutputFolder, aggregate, funnel_rows
 
 EXAMPLE_SHARDS = 8  # examples are drawn from at most this many shards' stats
@@ -168,7 +168,7 @@ def load_images(input_url: str | None, wanted: dict[str, set[str]]) -> dict[tupl
     except Exception:
         return {}
     found = {}
-    opts = IngestOptions(decode_images=False)
+    opts = IngestOptions.defaults(decode_images=False)
     for name, keys in wanted.items():
         if name not in shards:
             continue
@@ -316,12 +316,16 @@ def settings_table(filters: dict) -> str:
 
 
 def report_filters(summary: dict) -> list[Filter]:
-    """The run's cascade from its ``summary.json`` (the registered filters' defaults for an
-    output without one; a filter that is not registered here is left out)."""
-    config = summary.get("config") or {}
-    if not config.get("filters"):
-        return default_filters()
-    return build_filters(config, strict=False)
+    """The run's cascade from the ``config`` its ``summary.json`` recorded (the YAML's filters for
+    an output without one; a filter that is not registered here is left out). Each recorded
+    section is read over the YAML's defaults: an older output's record may lack keys added since."""
+    from curation.common.config import deep_merge
+    from curation.settings import section_defaults
+
+    defaults = section_defaults("filters")
+    recorded = (summary.get("config") or {}).get("filters") or defaults
+    return filters_from_sections({name: deep_merge(defaults.get(name) or {}, section or {}, strict=False)
+                                  for name, section in recorded.items()}, strict=False)
 
 
 def build_report(funnel: dict, aggregates: dict, sample: pa.Table, summary: dict,
@@ -346,7 +350,7 @@ def build_report(funnel: dict, aggregates: dict, sample: pa.Table, summary: dict
         cards = "".join(_card(r, thumbnail_uri(images[(r["shard"], r["key"])])
                               if (r["shard"], r["key"]) in images else None, cascade) for r in rows)
         sections.append(f"<h3>{html.escape(name)}</h3><div class=ex>{cards}</div>")
-    ts = (summary.get("config") or {}).get("filters", {}).get("text_spotting", {})
+    ts = next((f for f in cascade if f.name == "text_spotting"), None) if filters else None
     settings = settings_table(filters)
     title = f"CAT filter report: {html.escape(str(summary.get('output', '')))}"
     shown = sorted(set(sample["shard"].to_pylist())) if sample.num_rows else []
@@ -355,7 +359,7 @@ def build_report(funnel: dict, aggregates: dict, sample: pa.Table, summary: dict
 <body><h1>{title}</h1>
 <p class="meta">input {html.escape(str(summary.get('input', '')))} &middot; {funnel['input']} samples &middot;
 elapsed {summary.get('elapsed_s', '?')} s &middot; text spotting
-{'on' if ts.get('enabled') else 'off'}{' (every sample)' if ts.get('evaluate_all') else ''}</p>
+{'on' if ts and ts.enabled else 'off'}{' (every sample)' if ts and ts.evaluate_all else ''}</p>
 <h2>Funnel</h2>{_funnel_table(funnel, cascade)}
 <h2>Distributions</h2><div class="charts">{''.join(charts)}</div>
 <h2>Drop reasons and errors</h2>{_reasons_table(aggregates["reasons"], funnel["input"])}

@@ -50,7 +50,9 @@ from curation.ocr import TextSpottingConfig
 from curation.output import EVALUATED, FILTERS, NOT_EVALUATED, STATS_SCHEMA, OutputFolder
 from curation.pipeline import (SETTINGS_FILE, SettingsError, ShardProgress, ShardTracker, TextSpottingStage,
                                add_ocr_stage, add_write_stage, deciding_settings, finish_job, guard_settings,
-                               prepare_output, run_to_commit, settings_diff)
+                               parse_config, prepare_output, run_to_commit, set_data_context, settings_diff)
+from curation.settings import CurationConfig, SpacyConfig, parse_filters, section_defaults
+from curation.common.config import as_dict, deep_merge
 from curation.common.jobs import init_ray, warn_local_paths_on_cluster
 from curation.common.storage import Storage, absolute
 
@@ -93,6 +95,15 @@ def recorded_settings(src: OutputFolder) -> dict:
     return recorded
 
 
+def recorded_filters(recorded: dict) -> dict:
+    """The CAT filters a scored output was made with (name -> settings view), from its recorded
+    settings; each section over the YAML defaults, since an older output's record may lack keys
+    added since."""
+    old = recorded.get("filters") or {}
+    defaults = section_defaults("filters")
+    return parse_filters({name: deep_merge(defaults[name], old.get(name) or {}, strict=False) for name in FILTERS})
+
+
 def expected_engine(ts: TextSpottingConfig) -> str:
     """``ocr_engine`` as the backend records it (see :mod:`curation.ocr_ppocr`)."""
     if ts.backend == "ppocr" and ts.recogniser != "ppocr":
@@ -112,25 +123,25 @@ class SelectPlan:
     """What one re-selection job does, shipped to every read task."""
 
     from_url: str
-    filters: dict                 # the new filters config
-    spacy: dict                   # the new spacy config (model, batch_size)
+    filters: dict                 # the new filters: name -> settings view (CurationConfig.filters)
+    spacy: SpacyConfig            # the new spacy config (model, batch_size)
     reuse_complexity: bool        # stored complexity scores hold for the new settings
     reuse_actions: bool
     reuse_ocr: bool               # stored OCR text (and OCR failures) hold
     ocr_stage: bool               # the OCR actor pool runs: samples without a valid result go there
 
     @classmethod
-    def make(cls, from_url: str, recorded: dict, cfg: dict) -> "SelectPlan":
-        old_f, new_f = recorded.get("filters") or {}, cfg["filters"]
+    def make(cls, from_url: str, recorded: dict, cfg: CurationConfig) -> "SelectPlan":
+        """``recorded``: the scored output's deciding settings (as written); ``cfg``: the new job."""
+        old_f, new_f = recorded_filters(recorded), cfg.filters
         oc, nc = CaptionFilterConfig.from_config(old_f), CaptionFilterConfig.from_config(new_f)
-        ot = TextSpottingConfig.from_config(old_f.get("text_spotting") or {})
-        nt = TextSpottingConfig.from_config(new_f["text_spotting"])
-        same_model = (recorded.get("spacy") or {}).get("model") == cfg["spacy"].get("model")
+        ot, nt = old_f["text_spotting"], new_f["text_spotting"]
+        same_model = (recorded.get("spacy") or {}).get("model") == cfg.spacy.model
         reuse_c = same_model and oc.complexity_measure == nc.complexity_measure and (
             nc.complexity_measure != "entity_edges" or oc.entity_mode == nc.entity_mode)
         reuse_a = same_model and oc.action_measure == nc.action_measure
         reuse_t = ot.enabled and ocr_settings(ot) == ocr_settings(nt)
-        return cls(from_url, new_f, dict(cfg["spacy"]), reuse_c, reuse_a, reuse_t,
+        return cls(from_url, new_f, cfg.spacy, reuse_c, reuse_a, reuse_t,
                    may_need_ocr(oc, nc, ot, nt, reuse_c, reuse_a, reuse_t))
 
     def describe(self) -> str:
@@ -169,7 +180,7 @@ def reselect_records(records: list[dict], stored: dict[str, dict], plan: SelectP
     ``need_ocr``. ``score_captions(captions) -> CaptionScores`` runs spaCy on the rest.
     Returns how many captions went to spaCy."""
     cap = CaptionFilterConfig.from_config(plan.filters)
-    ts = TextSpottingConfig.from_config(plan.filters["text_spotting"])
+    ts = plan.filters["text_spotting"]
     for r in records:
         for name in SCORE_FIELDS:
             r[name] = None
@@ -230,11 +241,10 @@ _SCORERS: dict = {}
 
 def caption_scorer(plan: SelectPlan) -> CaptionScorer:
     """One spaCy pipeline per worker process and settings, loaded on first need."""
-    key = json.dumps([plan.filters, plan.spacy], sort_keys=True, default=str)
+    key = json.dumps(as_dict([plan.filters, plan.spacy]), sort_keys=True, default=str)
     if key not in _SCORERS:
         _SCORERS[key] = CaptionScorer(CaptionFilterConfig.from_config(plan.filters),
-                                      model=plan.spacy.get("model", "en_core_web_sm"),
-                                      batch_size=int(plan.spacy.get("batch_size", 256)))
+                                      model=plan.spacy.model, batch_size=plan.spacy.batch_size)
     return _SCORERS[key]
 
 
@@ -357,23 +367,19 @@ class ScoreCounter:
         return dict(self.counts)
 
 
-def build_select_dataset(pending: list[InputShard], cfg: dict, plan: SelectPlan, out_url: str,
+def build_select_dataset(pending: list[InputShard], cfg: CurationConfig, plan: SelectPlan, out_url: str,
                          tracker, counter, storage: Storage | None = None):
     import ray
 
-    stages = cfg["stages"]
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = bool(cfg.get("progress", True))
-    if stages.get("wait_for_actors_s"):
-        ctx.wait_for_min_actors_s = int(stages["wait_for_actors_s"])
+    read = cfg.stages.read
+    set_data_context(cfg)
     ds = ray.data.from_items([s.to_dict() for s in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(reselect_shards_batch,
-                        fn_kwargs={"plan": plan, "opts": IngestOptions.from_config(cfg["ingest"]),
-                                   "storage": storage, "counter": counter},
-                        batch_size=1, batch_format="pyarrow", num_cpus=stages["read"]["num_cpus"],
-                        concurrency=stages["read"].get("concurrency"))
+                        fn_kwargs={"plan": plan, "opts": cfg.ingest, "storage": storage, "counter": counter},
+                        batch_size=1, batch_format="pyarrow", num_cpus=read.num_cpus,
+                        concurrency=read.concurrency)
     if plan.ocr_stage:
-        ds = add_ocr_stage(ds, cfg, float(stages["read"]["num_cpus"]), storage,
+        ds = add_ocr_stage(ds, cfg, read.num_cpus, storage,
                            stage=RescoreTextStage, counter=counter)
     return add_write_stage(ds, cfg, out_url, tracker, storage)
 
@@ -383,15 +389,16 @@ def build_select_dataset(pending: list[InputShard], cfg: dict, plan: SelectPlan,
 def build_select_config(from_url: str | None, user_file: str | None = None, overrides=()) -> dict:
     """cat_filter's config for a re-selection: its defaults, then what ``from`` was scored with
     (input, input format, ingest limits, filters, spaCy model), then the user's YAML and
-    ``key=value`` overrides; ``from`` is set. Raises ``ConfigError`` / :class:`SettingsError`."""
-    from curation.common.config import CONFIG_DIR, apply_overrides, deep_merge, load_yaml
+    ``key=value`` overrides; ``from`` is set. The merged dict, as :func:`select` records it (it
+    parses it into the typed view). Raises ``ConfigError`` / :class:`SettingsError`."""
+    from curation.common.config import CONFIG_DIR, apply_overrides, load_yaml
 
     defaults = CONFIG_DIR / "curation" / "cat_filter.yaml"
     user = load_yaml(user_file) if user_file else {}
     from_url = from_url or user.pop("from", None)
     user.pop("from", None)
     first = apply_overrides(deep_merge(load_yaml(defaults), user), overrides)  # storage_options
-    Storage.capture(first.get("storage_options")).apply()
+    Storage.capture(first["storage_options"]).apply()
     recorded = recorded_settings(scored_output(from_url))
     base = load_yaml(defaults)
     base["input"], base["input_format"] = recorded["input"], recorded.get("input_format", "auto")
@@ -411,50 +418,48 @@ def build_select_config(from_url: str | None, user_file: str | None = None, over
 
 def select(cfg: dict, log=print) -> dict:
     """Re-select ``cfg["from"]`` (a scored curation output) into ``cfg["output"]`` with
-    ``cfg["filters"]``; returns the summary written to ``summary.json``."""
+    ``cfg["filters"]`` (the merged config of :func:`build_select_config`, parsed here once into
+    its typed view); returns the summary written to ``summary.json``."""
     import ray
 
     started = time.time()
-    try:
-        TextSpottingConfig.from_config(cfg["filters"]["text_spotting"])
-        CaptionFilterConfig.from_config(cfg["filters"])
-    except (ValueError, TypeError) as exc:
-        raise SettingsError(str(exc)) from None
-    others = [name for name in cfg["filters"] if name not in FILTERS]
+    others = [name for name in (cfg.get("filters") or {}) if name not in FILTERS]
     if others:  # a plug-in filter (curation.filters) has no re-decision from stored scores here
         raise SettingsError(f"re-selection knows the CAT filters ({', '.join(FILTERS)}), not "
                             f"{', '.join(others)}: run cat_filter with the new settings instead")
-    storage = Storage.capture(cfg.get("storage_options")).apply()
-    src = scored_output(cfg.get("from"))
+    raw, cfg = cfg, parse_config(cfg)
+    storage = Storage.capture(cfg.storage_options).apply()
+    src = scored_output(cfg.from_url)
     recorded = recorded_settings(src)
-    input_url = cfg["input"]
-    if absolute(cfg["output"]).rstrip("/") == src.url.rstrip("/"):
-        raise SettingsError(f"output={cfg['output']} is the output selected from: write to a new folder")
+    input_url = cfg.input
+    if absolute(cfg.output).rstrip("/") == src.url.rstrip("/"):
+        raise SettingsError(f"output={cfg.output} is the output selected from: write to a new folder")
     plan = SelectPlan.make(src.url, recorded, cfg)
     try:
-        shards = discover_shards(input_url, cfg.get("input_format", "auto"))
+        shards = discover_shards(input_url, cfg.input_format)
     except InputError as exc:
-        raise SettingsError(f"the input {cfg['from']} was scored from: {exc}") from None
+        raise SettingsError(f"the input {cfg.from_url} was scored from: {exc}") from None
     scored = src.committed()
     if not scored:
-        raise SettingsError(f"from={cfg['from']} has no committed shards: nothing to select from")
-    out = prepare_output(cfg["output"])
-    settings = {**deciding_settings(cfg, absolute(input_url)), "selected_from": src.url}
-    done = guard_settings(out, settings, bool(cfg.get("overwrite")), out.committed(), log)
+        raise SettingsError(f"from={cfg.from_url} has no committed shards: nothing to select from")
+    out = prepare_output(cfg.output)
+    # the recorded settings come from the merged config as given (outputs resume as before)
+    settings = {**deciding_settings(raw, absolute(input_url)), "selected_from": src.url}
+    done = guard_settings(out, settings, cfg.overwrite, out.committed(), log)
     out.clean_tmp()
     usable = [s for s in shards if s.name in scored]
     unscored = [s.name for s in shards if s.name not in scored]
     if unscored:
-        log(f"warning: {len(unscored)} input shard(s) not committed in {cfg['from']} are skipped "
+        log(f"warning: {len(unscored)} input shard(s) not committed in {cfg.from_url} are skipped "
             f"(finish that run first): {', '.join(unscored[:5])}{' ...' if len(unscored) > 5 else ''}")
     pending = [s for s in usable if s.name not in done]
-    log(f"{len(usable)} scored shards in {cfg['from']}: {len(usable) - len(pending)} already done, "
+    log(f"{len(usable)} scored shards in {cfg.from_url}: {len(usable) - len(pending)} already done, "
         f"{len(pending)} to process; {plan.describe()}")
 
     failures, counts = {}, {"spacy": 0, "ocr": 0}
     if pending:
-        init_ray(cfg.get("ray", {}), storage)
-        warn_local_paths_on_cluster({"from": cfg["from"], "input": input_url, "output": cfg["output"]}, log)
+        init_ray(cfg.ray, storage)
+        warn_local_paths_on_cluster({"from": cfg.from_url, "input": input_url, "output": cfg.output}, log)
         tracker = ray.remote(ShardTracker).options(num_cpus=0).remote()
         counter = ray.remote(ScoreCounter).options(num_cpus=0).remote()
         ds = build_select_dataset(pending, cfg, plan, out.url, tracker, counter, storage)
@@ -464,10 +469,10 @@ def select(cfg: dict, log=print) -> dict:
         ray.kill(counter)
     log(f"scored anew in this run: {counts['spacy']} captions (spaCy), {counts['ocr']} images (OCR)")
     old = {"filters": recorded.get("filters") or {}, "spacy": recorded.get("spacy") or {}}
-    new = {"filters": cfg["filters"], "spacy": {"model": cfg["spacy"].get("model")}}
-    selection = {"from": cfg["from"], "changed": settings_diff(json.loads(json.dumps(old, default=str)),
+    new = {"filters": raw["filters"], "spacy": {"model": cfg.spacy.model}}
+    selection = {"from": cfg.from_url, "changed": settings_diff(json.loads(json.dumps(old, default=str)),
                                                                 json.loads(json.dumps(new, default=str))),
                  "reused": {"complexity": plan.reuse_complexity, "actions": plan.reuse_actions,
                             "ocr_text": plan.reuse_ocr},
                  "ocr_stage": plan.ocr_stage, "scored_now": counts, "unscored_shards": len(unscored)}
-    return finish_job(out, cfg, input_url, len(shards), failures, started, log, {"selection": selection})
+    return finish_job(out, cfg, raw, input_url, len(shards), failures, started, log, {"selection": selection})

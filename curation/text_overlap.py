@@ -25,11 +25,12 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 from spacy.lang.en.stop_words import STOP_WORDS
 
-MEASURES = ("content_words", "partial", "fondant")
+Measure = Literal["content_words", "partial", "fondant"]  # filters.text_spotting.measure
+MEASURES = get_args(Measure)
 PARTIAL_CUTOFF = 85
 _TOKEN = re.compile(r"[^\W_]+", re.UNICODE)
 

@@ -18,14 +18,14 @@ from curation.pipeline import PipelineError, SettingsError, curate  # noqa: E402
 def main(argv=None) -> int:
     cfg = parse_cli(argv, CONFIG_DIR / "curation" / "cat_filter.yaml", __doc__.splitlines()[0])
     try:
-        summary = curate(cfg)
+        summary = curate(cfg)  # parses cfg into its typed view first: a wrong value stops it there
     except SettingsError as exc:  # a user mistake, found before any work
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except PipelineError as exc:  # shards that failed: a re-run retries them
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {cfg['output']} ({summary['funnel']['kept']} kept of {summary['funnel']['input']}"
+    print(f"wrote {summary['output']} ({summary['funnel']['kept']} kept of {summary['funnel']['input']}"
           f" input samples) in {summary['elapsed_s']:.1f}s")
     return 0
 

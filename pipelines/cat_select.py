@@ -41,8 +41,8 @@ def main(argv=None) -> int:
     except PipelineError as exc:  # shards that failed: a re-run retries them
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {cfg['output']} ({summary['funnel']['kept']} kept of {summary['funnel']['input']} input "
-          f"samples, selected from {cfg['from']}) in {summary['elapsed_s']:.1f}s")
+    print(f"wrote {summary['output']} ({summary['funnel']['kept']} kept of {summary['funnel']['input']} input "
+          f"samples, selected from {summary['selection']['from']}) in {summary['elapsed_s']:.1f}s")
     return 0
 
 

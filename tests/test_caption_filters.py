@@ -73,11 +73,11 @@ def test_entity_mode_all_is_stricter(nlp):
 
 def test_scorer_thresholds_and_disabled_filters():
     caps = ["a man riding a horse on the beach", "tree", "a golden ball on the beach"]
-    scorer = CaptionScorer(CaptionFilterConfig(complexity_min=2))
+    scorer = CaptionScorer(CaptionFilterConfig.defaults(complexity={"min": 2}))
     s = scorer.score(caps)
     assert s.passed_complexity == [True, False, True]
     assert s.passed_action == [True, False, False]
-    off = CaptionScorer(CaptionFilterConfig(complexity_enabled=False, action_enabled=True),
+    off = CaptionScorer(CaptionFilterConfig.defaults(complexity={"enabled": False}, action={"enabled": True}),
                         nlp=scorer.nlp).score(caps)
     assert off.complexity == [None, None, None] and off.passed_complexity == [None, None, None]
     assert off.num_actions == s.num_actions
@@ -94,10 +94,10 @@ def test_verb_counts_do_not_depend_on_the_complexity_filter_on_real_captions(nlp
 
     captions = [c for c in pd.read_parquet(REAL_CAPTIONS).caption.tolist() if isinstance(c, str)]
     assert len(captions) == 1000
-    alone_cfg = CaptionFilterConfig(complexity_enabled=False, action_measure="verb")
+    alone_cfg = CaptionFilterConfig.defaults(complexity={"enabled": False}, action={"measure": "verb"})
     assert "parser" in alone_cfg.required_components()
     alone = CaptionScorer(alone_cfg).score(captions)
-    with_c = CaptionScorer(CaptionFilterConfig(action_measure="verb"), nlp=nlp).score(captions)
+    with_c = CaptionScorer(CaptionFilterConfig.defaults(action={"measure": "verb"}), nlp=nlp).score(captions)
     assert alone.num_actions == with_c.num_actions
     assert alone.passed_action == with_c.passed_action
     # the same counts as the full pipeline on the stripped caption, caption by caption
@@ -108,7 +108,7 @@ def test_verb_counts_do_not_depend_on_the_complexity_filter_on_real_captions(nlp
 
 
 def test_captions_are_stripped_before_parsing(nlp):
-    scorer = CaptionScorer(CaptionFilterConfig(), nlp=nlp)
+    scorer = CaptionScorer(CaptionFilterConfig.defaults(), nlp=nlp)
     caps = ["a man riding a horse on the beach", "  a man riding a horse on the beach \n\t"]
     s = scorer.score(caps)
     assert s.complexity[0] == s.complexity[1] and s.num_actions[0] == s.num_actions[1] == 1
@@ -118,6 +118,6 @@ def test_captions_are_stripped_before_parsing(nlp):
 
 def test_bad_measure_names_are_clear_errors():
     with pytest.raises(ValueError, match="filters.complexity.measure"):
-        CaptionFilterConfig(complexity_measure="depth")
+        CaptionFilterConfig.defaults(complexity={"measure": "depth"})
     with pytest.raises(ValueError, match="filters.action.measure"):
-        CaptionFilterConfig(action_measure="verbs")
+        CaptionFilterConfig.defaults(action={"measure": "verbs"})

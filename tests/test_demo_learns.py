@@ -35,7 +35,7 @@ def curated_like_pairs(num: int, seed: int = 0) -> list[tuple[bytes, str]]:
     minus the ones whose own caption is written on the image (what the T filter drops)."""
     samples = [s for s in demo_samples(num, seed) if s["kind"] in ("no_text", "unrelated_text")]
     captions = [s["caption"] for s in samples]
-    scores = CaptionScorer(CaptionFilterConfig()).score(captions)
+    scores = CaptionScorer(CaptionFilterConfig.defaults()).score(captions)
     return [(s["image"], c) for s, c, pc, pa in zip(samples, captions, scores.passed_complexity,
                                                    scores.passed_action) if pc and pa]
 

@@ -44,7 +44,7 @@ def test_read_webdataset_shard_accounts_for_every_row(tmp_path):
     ])
     (shard,) = discover_shards(str(tmp_path))
     assert shard.format == "webdataset" and shard.meta_url
-    tables = list(read_shard(shard, IngestOptions(rows_per_block=2)))
+    tables = list(read_shard(shard, IngestOptions.defaults(rows_per_block=2)))
     marker = tables[-1]
     assert marker["status"].to_pylist() == [SHARD_END] and marker["shard_rows"][0].as_py() == len(rows)
     got = {r["key"]: r for r in pa.concat_tables(tables[:-1]).to_pylist()}
@@ -60,7 +60,7 @@ def test_truncated_tar_marks_listed_samples_as_errors(tmp_path):
                for i in range(6)]
     write_wds_shard(tmp_path, "00000", samples, truncate_to=0.5)
     (shard,) = discover_shards(str(tmp_path))
-    rows = pa.concat_tables(list(read_shard(shard, IngestOptions()))[:-1]).to_pylist()
+    rows = pa.concat_tables(list(read_shard(shard, IngestOptions.defaults()))[:-1]).to_pylist()
     assert len(rows) == 6
     errors = [r for r in rows if r["status"] == ERROR]
     assert errors and all("unreadable" in r["error"] or "corrupt" in r["error"] for r in errors)
@@ -72,7 +72,7 @@ def test_truncated_tar_without_sidecar_records_the_loss(tmp_path):
                for i in range(6)]
     write_wds_shard(tmp_path, "00000", samples, sidecar=False, truncate_to=0.5)
     (shard,) = discover_shards(str(tmp_path))
-    rows = pa.concat_tables(list(read_shard(shard, IngestOptions()))[:-1]).to_pylist()
+    rows = pa.concat_tables(list(read_shard(shard, IngestOptions.defaults()))[:-1]).to_pylist()
     assert rows[-1]["status"] == ERROR and "samples after this point unknown" in rows[-1]["error"]
 
 

@@ -67,19 +67,19 @@ def test_default_engine_and_the_old_one_a_value_away():
     old = TextSpottingConfig.from_config({**ts, "backend": "easyocr"})
     assert (old.overlap.measure, old.side, old.rule) == ("content_words", 512, "content_words>=0.4")
     assert TextSpottingConfig.from_config({**ts, "measure": "fondant"}).rule == "fondant"
-    assert TextSpottingConfig(det_side=320).side == 320 and TextSpottingConfig(det_side=900).side == 512
-    assert TextSpottingConfig(backend="easyocr", det_side=320).side == 512  # det_side is ppocr's
+    assert TextSpottingConfig.defaults(det_side=320).side == 320 and TextSpottingConfig.defaults(det_side=900).side == 512
+    assert TextSpottingConfig.defaults(backend="easyocr", det_side=320).side == 512  # det_side is ppocr's
     with pytest.raises(ValueError, match="recogniser"):
-        TextSpottingConfig(recogniser="tesseract")
+        TextSpottingConfig.defaults(recogniser="tesseract")
     with pytest.raises(ValueError, match="backend"):
-        TextSpottingConfig(backend="tesseract")
+        TextSpottingConfig.defaults(backend="tesseract")
 
 
 # --- the PP-OCR backend ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def ppocr():
-    return TextSpottingConfig().make_backend(threads=1)
+    return TextSpottingConfig.defaults().make_backend(threads=1)
 
 
 def test_ppocr_reads_text_and_skips_recognition_without_text(ppocr):
@@ -99,7 +99,7 @@ def test_ppocr_reads_text_and_skips_recognition_without_text(ppocr):
 
 
 def test_ppocr_spotter_records_engine_size_and_rule(ppocr):
-    cfg = TextSpottingConfig()
+    cfg = TextSpottingConfig.defaults()
     pairs = textspot_data.generate(5, seed=7, size=(320, 240))  # full, partial, one word, unrelated, none
     res = TextSpotter(cfg, ppocr).spot([p.image for p in pairs], [p.caption for p in pairs])
     assert [r.passed is False for r in res] == [p.must_drop for p in pairs], [(p.caption, r) for p, r in zip(pairs, res)]
@@ -108,7 +108,7 @@ def test_ppocr_spotter_records_engine_size_and_rule(ppocr):
 
 def test_detector_size_and_boxes_in_image_coordinates(ppocr):
     image = np.asarray(decode_rgb(textspot_data.text_image("OPEN 24 HOURS", size=(640, 480), seed=2)))
-    small = TextSpottingConfig(det_side=320).make_backend(threads=1)
+    small = TextSpottingConfig.defaults(det_side=320).make_backend(threads=1)
     for backend in (ppocr, small):
         boxes = backend.detect(image)
         assert len(boxes) >= 1 and boxes.shape[1:] == (4, 2)

@@ -27,7 +27,7 @@ def _rows(tmp_path, name="00000", n=7):
     samples.append({"key": f"{name}bad", "caption": "broken", "image": b"not an image"})
     write_wds_shard(inp, name, samples)
     shard = InputShard(name, "webdataset", str(inp / f"{name}.tar"), str(inp / f"{name}.parquet"))
-    tables = [t for t in read_shard(shard, IngestOptions()) if t["status"][0].as_py() != "shard_end"]
+    tables = [t for t in read_shard(shard, IngestOptions.defaults()) if t["status"][0].as_py() != "shard_end"]
     rows = pa.concat_tables(tables).to_pylist()
     for i, r in enumerate(rows):
         if r["status"] == "pending":

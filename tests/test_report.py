@@ -52,7 +52,7 @@ def _written_output(tmp_path):
         {"key": "k5", "caption": "x", "status": "failed"},
     ])
     shard = InputShard("00000", "webdataset", str(inp / "00000.tar"), str(inp / "00000.parquet"))
-    rows = pa.concat_tables([t for t in read_shard(shard, IngestOptions()) if t["key"][0].as_py()])
+    rows = pa.concat_tables([t for t in read_shard(shard, IngestOptions.defaults()) if t["key"][0].as_py()])
     rows = rows.drop_columns(["shard_rows"])
     n = rows.num_rows
     key = rows["key"].to_pylist()

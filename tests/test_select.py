@@ -18,6 +18,7 @@ from curation.demo_data import build_demo_dataset
 from curation.ingest import PENDING
 from curation.pipeline import SettingsError, curate
 from curation.reselect import SelectPlan, build_select_config, reselect_records, select
+from curation.settings import curation_config
 
 from helpers import count_sidecar_rows, read_output_samples
 from pipelines import cat_select
@@ -150,7 +151,7 @@ def test_plan_decides_which_scores_hold():
 
     def plan(*overrides):
         cfg = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml", overrides=list(overrides))
-        return SelectPlan.make("x", recorded, cfg)
+        return SelectPlan.make("x", recorded, curation_config(cfg))
 
     same = plan("filters.complexity.min=2")
     assert (same.reuse_complexity, same.reuse_actions, same.reuse_ocr, same.ocr_stage) == (True, True, True, False)
@@ -167,7 +168,8 @@ def test_plan_decides_which_scores_hold():
 
 
 def test_records_take_stored_scores_and_score_only_the_rest():
-    cfg = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml", overrides=["filters.complexity.min=2"])
+    cfg = curation_config(build_config(CONFIG_DIR / "curation" / "cat_filter.yaml",
+                                       overrides=["filters.complexity.min=2"]))
     stored = {"a": {"status": "kept", "complexity": 3, "num_actions": 1, "text_spotting_status": "evaluated",
                     "ocr_text": "SALE\nbig dog", "ocr_boxes": 2, "ocr_engine": "ppocr", "ocr_side": 512},
               "b": {"status": "dropped", "complexity": 0, "num_actions": 1, "text_spotting_status": "not_evaluated"},
@@ -180,7 +182,7 @@ def test_records_take_stored_scores_and_score_only_the_rest():
         scored.extend(captions)
         return CaptionScores([5] * len(captions), [1] * len(captions), [None] * len(captions), [None] * len(captions))
 
-    plan = SelectPlan("x", cfg["filters"], cfg["spacy"], True, True, True, True)
+    plan = SelectPlan("x", cfg.filters, cfg.spacy, True, True, True, True)
     assert reselect_records(rows, stored, plan, spacy) == 1 and len(scored) == 1  # "d": never scored
     a, b, c, d = rows
     assert (a["complexity"], a["passed_complexity"], a["text_spotting_status"], a["need_ocr"]) == (3, True, "evaluated", False)
@@ -192,7 +194,7 @@ def test_records_take_stored_scores_and_score_only_the_rest():
     # a new complexity measure: every pending caption to spaCy
     rows = [dict(r, status=PENDING) for r in rows]
     scored.clear()
-    reselect_records(rows, stored, SelectPlan("x", cfg["filters"], cfg["spacy"], False, True, True, True), spacy)
+    reselect_records(rows, stored, SelectPlan("x", cfg.filters, cfg.spacy, False, True, True, True), spacy)
     assert len(scored) == 4
 
 

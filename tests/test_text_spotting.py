@@ -108,7 +108,7 @@ def test_cascade_rows(evaluate_all):
     batch = _rows(image)
     assert rows_to_score(batch, evaluate_all) == ([0, 1, 2, 3] if evaluate_all else [0, 2, 3])
     backend = RecordingBackend("RED BALL BEACH")
-    spotter = TextSpotter(TextSpottingConfig(evaluate_all=evaluate_all), backend)
+    spotter = TextSpotter(TextSpottingConfig.defaults(evaluate_all=evaluate_all), backend)
     out = add_text_spotting(batch, spotter)
     # only the sample that may still be kept (c) carries its image bytes on to the writer
     assert out["image"].to_pylist() == [None, None, image, None, None] and out.num_rows == 5
@@ -143,7 +143,7 @@ class FailingBackend:
 
 def test_an_ocr_failure_is_a_per_sample_error():
     ok, tiny = (_encode(Image.new("RGB", size, "white"), "PNG") for size in ((64, 48), (64, 8)))
-    res = TextSpotter(TextSpottingConfig(), FailingBackend()).spot([ok, tiny], ["hello world", "x"])
+    res = TextSpotter(TextSpottingConfig.defaults(), FailingBackend()).spot([ok, tiny], ["hello world", "x"])
     assert res[0].ocr_text == "HELLO" and res[0].text_overlap == 0.5 and res[0].error is None
     assert res[1].error == "OCR failed: RuntimeError: image too small for the detector"
 
@@ -154,12 +154,15 @@ def test_rows_without_text_stage_are_marked_off():
 
 
 def test_ocr_rows_per_call_defaults_by_device():
-    from curation.common.config import CONFIG_DIR, build_config
+    from dataclasses import replace
 
-    ocr = build_config(CONFIG_DIR / "curation" / "cat_filter.yaml", overrides=[])["stages"]["ocr"]
-    assert ocr["batch_size"] is None and ocr_rows_per_call(ocr) == 4       # CPU: even tails
-    assert ocr_rows_per_call({**ocr, "num_gpus": 0.5}) == 64               # GPU: batched inference
-    assert ocr_rows_per_call({**ocr, "batch_size": 8, "num_gpus": 1}) == 8  # explicit wins
+    from curation.common.config import CONFIG_DIR, build_config
+    from curation.settings import curation_config
+
+    ocr = curation_config(build_config(CONFIG_DIR / "curation" / "cat_filter.yaml", overrides=[])).stages.ocr
+    assert ocr.batch_size is None and ocr_rows_per_call(ocr) == 4            # CPU: even tails
+    assert ocr_rows_per_call(replace(ocr, num_gpus=0.5)) == 64               # GPU: batched inference
+    assert ocr_rows_per_call(replace(ocr, batch_size=8, num_gpus=1)) == 8    # explicit wins
 
 
 # --- the generated labelled set ----------------------------------------------------------------
