@@ -134,6 +134,24 @@ def test_config_mistakes_are_one_line_before_ray(args, message, tmp_path):
     assert "Ray" not in proc.stdout + proc.stderr  # refused before Ray started
 
 
+@pytest.mark.parametrize("override, message", [
+    ("filters.complexity.measure=scene", "filters.complexity.measure must be one of "
+     "'scene_graph', 'max_children', 'entity_edges', got 'scene'"),
+    ("filters.text_spotting.recogniser=tesseract",
+     "filters.text_spotting.recogniser must be one of 'ppocr', 'easyocr', got 'tesseract'"),
+    ("input_format=tar", "input_format must be one of 'auto', 'webdataset', 'parquet', got 'tar'"),
+    ("stages.ocr.actors=1.5", "stages.ocr.actors must be an integer, got 1.5"),
+])
+def test_a_value_the_typed_view_refuses_is_one_line_naming_the_key(override, message, tmp_path):
+    """The job parses its merged config once into its typed view (curation/settings.py) before
+    any work: a value outside the YAML's choices or of the wrong type is one line naming the
+    dotted key (and the choices), exit 2, nothing written."""
+    proc = _cli("pipelines/cat_filter.py", f"output={tmp_path / 'o'}", override)
+    assert proc.returncode == 2, proc.stdout[-1000:] + proc.stderr[-2000:]
+    assert proc.stderr.strip() == f"error: {message}", proc.stderr
+    assert "Ray" not in proc.stdout + proc.stderr and not (tmp_path / "o").exists()
+
+
 def test_output_that_is_a_file_is_one_line(small_input, tmp_path):
     afile = tmp_path / "out.tar"
     afile.write_bytes(b"not a folder")
