@@ -116,3 +116,75 @@ def test_typed_view_checks_presence_types_and_choices():
     for change, message in bad:
         with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
             typed_view(Outer, {**good, **change})
+
+
+def test_the_curation_yaml_parses_as_its_typed_view():
+    """cat_filter.yaml is the one place its defaults live: its typed view (curation/settings.py)
+    takes every key, types each filter's section by the filter's own ``Settings``, and gives the
+    YAML back; a wrong value is an error naming the dotted key."""
+    from curation.caption_filters import ActionSettings, ComplexitySettings
+    from curation.common.config import as_dict
+    from curation.ocr import TextSpottingConfig
+    from curation.settings import curation_config
+
+    cfg = build_config(DEFAULT)
+    view = curation_config(cfg)
+    assert list(view.filters) == ["complexity", "action", "text_spotting"]  # the cascade's order
+    assert isinstance(view.filters["complexity"], ComplexitySettings)
+    assert isinstance(view.filters["action"], ActionSettings)
+    assert isinstance(view.filters["text_spotting"], TextSpottingConfig)
+    assert view.stages.stage("ocr") is view.stages.ocr and view.ingest.rows_per_block == 256
+    plain = as_dict(view)
+    assert {k: as_dict(v) for k, v in view.filters.items()} == cfg["filters"]
+    assert plain["stages"] == {**cfg["stages"], "extra": {}}
+    assert {k: v for k, v in plain.items() if k not in ("filters", "stages", "from_url")} == \
+        {k: v for k, v in cfg.items() if k not in ("filters", "stages")}
+    assert curation_config({**cfg, "from": "scored"}).from_url == "scored"  # cat_select's from=
+    bad = [(["filters.complexity.measure=scene"],
+            "filters.complexity.measure must be one of 'scene_graph', 'max_children', 'entity_edges'"),
+           (["filters.text_spotting.measure=words"], "filters.text_spotting.measure must be one of"),
+           (["stages.caption.num_cpus=half"], "stages.caption.num_cpus must be a number"),
+           (["ray.dashboard=null"], "ray.dashboard must be true or false")]
+    for overrides, message in bad:
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+            curation_config(build_config(DEFAULT, overrides=overrides))
+
+
+def test_a_plug_in_filter_declares_its_sections_view():
+    """A filter's ``Settings`` is parsed from its section; its stage's resources come from
+    ``stages.<stage>`` over the filter's ``resources``; a section no filter claims is refused."""
+    import dataclasses
+
+    from curation.filters import FILTER_TYPES, Filter, build_filters, register_filter
+    from curation.settings import curation_config
+
+    @dataclasses.dataclass(frozen=True)
+    class WordsSettings:
+        enabled: bool
+        min: int
+
+    @register_filter
+    class Words(Filter):
+        name, stage, Settings = "words", "words", WordsSettings
+
+    try:
+        cfg = build_config(DEFAULT)
+        cfg["filters"]["words"] = {"enabled": True, "min": 3.0}
+        cfg["stages"]["words"] = {"actors": 0}
+        view = curation_config(cfg)
+        assert view.filters["words"] == WordsSettings(enabled=True, min=3)
+        assert view.stages.stage("words").actors == 0 and view.stages.stage("words").num_cpus == 0.25
+        words = build_filters(view)[-1]
+        assert words.cfg.min == 3 and words.enabled and not words.evaluate_all
+        cfg["filters"]["words"] = {"enabled": True, "minimum": 3}
+        with pytest.raises(ConfigError, match="unknown config key 'filters.words.minimum'"):
+            curation_config(cfg)
+        cfg["filters"]["wrds"] = cfg["filters"].pop("words")
+        with pytest.raises(ValueError, match="filters.wrds: no such filter"):
+            curation_config(cfg)
+        with pytest.raises(ConfigError, match="unknown config key 'stages.words'"):
+            curation_config(cfg, strict=False)  # no filter of that stage any more
+        del cfg["stages"]["words"]
+        assert "wrds" not in curation_config(cfg, strict=False).filters
+    finally:
+        FILTER_TYPES.pop("words")
