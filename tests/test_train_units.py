@@ -315,3 +315,37 @@ def test_worker_lines_print_once_under_ray_trains_print_patch(capsys, monkeypatc
     lines = wrapped.getvalue().splitlines()
     assert lines.count("step 4/4 (patched print)") == 2  # what the trainer showed before
     assert lines.count("step 4/4 (worker_print)") == 1
+
+
+def test_typed_view_of_each_recipe_and_a_wrong_value_through_main():
+    """training/settings.py: each recipe's YAML parses as its own typed view (its sections typed
+    attributes, as_dict gives the merged config back); a wrong value is a one-line error naming
+    the dotted key, exit code 2, through the real training/train.py."""
+    import subprocess
+    import sys
+
+    from curation.common.config import ConfigError
+    from training.settings import (DiHTConfig, HNNCEConfig, ImprovedConfig, SSLConfig, TrainConfig,
+                                   ViewsConfig, as_dict, train_config)
+    from training.train import build_train_config
+
+    clip = build_train_config()
+    assert type(train_config(clip)) is TrainConfig and as_dict(train_config(clip)) == clip
+    diht = train_config(build_train_config("configs/train/diht_tiny.yaml"))
+    assert isinstance(diht, DiHTConfig) and isinstance(diht.loss.hnnce, HNNCEConfig)
+    assert diht.loss.hnnce.alpha == 1.0 and diht.loss.distill.enabled is True
+    improved = train_config(build_train_config("configs/train/improved_barlip.yaml"))
+    assert isinstance(improved, ImprovedConfig) and isinstance(improved.views, ViewsConfig)
+    assert isinstance(improved.loss.ssl, SSLConfig) and improved.loss.ssl.name == "barlip"
+    assert improved.views.image.weak.scale == (0.5, 1.0) and improved.model.sync_bn == "auto"
+    with pytest.raises(ConfigError, match="loss.hnnce.alpha"):
+        train_config(build_train_config("configs/train/diht_tiny.yaml", ["loss.hnnce.alpha=high"]))
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for args, key in ((["train.precision=fp13"], "train.precision"),
+                      (["--config", "configs/train/diht_tiny.yaml", "loss.hnnce.alpha=high"], "loss.hnnce.alpha")):
+        proc = subprocess.run([sys.executable, "training/train.py", *args], cwd=repo, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], proc.stderr

@@ -40,6 +40,7 @@ from torch import nn
 
 from training.data import ClipSampleTransform
 from training.recipes import ClipRecipe, register_recipe
+from training.settings import DiHTConfig
 
 TARGET_COLUMNS = ("obj_ids", "obj_probs", "attr_ids", "attr_probs")
 _TARGETS: dict = {}  # per-process cache: concepts URL -> ConceptTargets of the whole folder
@@ -284,6 +285,7 @@ class DiHTRecipe(ClipRecipe):
     """DiHT: CLIP model, HN-NCE loss and (optionally) concept distillation from stored targets."""
 
     config_keys = ("loss.hnnce", "loss.distill")
+    config_class = DiHTConfig  # the typed view of diht.yaml's sections (training/settings.py)
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)

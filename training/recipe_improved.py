@@ -60,6 +60,7 @@ from torch import nn
 
 from training.data import ClipSampleTransform
 from training.recipes import ClipRecipe, register_recipe
+from training.settings import ImprovedConfig
 
 __all__ = ["ImprovedRecipe", "ImprovedRecipeLoss", "MultiViewSampleTransform", "improved_config",
            "ssl_settings"]
@@ -366,6 +367,7 @@ class ImprovedRecipe(ClipRecipe):
 
     config_keys = ("data.views_seeding", "views", "model.text_cfg", "model.vision_cfg", "model.sync_bn",
                    "model.improved", "loss.reduction", "loss.ssl")
+    config_class = ImprovedConfig  # the typed view of improved.yaml's sections (training/settings.py)
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)

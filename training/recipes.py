@@ -65,6 +65,9 @@ class Recipe:
     # dotted config keys that configs/train/<name>.yaml adds to configs/train/clip.yaml (every
     # other key of that file must exist there: it is merged strictly)
     config_keys: tuple[str, ...] = ()
+    # the typed view of this recipe's config (training/settings.py: a TrainConfig subclass that
+    # types the recipe's own sections); None: training.settings.TrainConfig
+    config_class: type | None = None
 
     def __init__(self, cfg: dict):
         self.cfg = cfg

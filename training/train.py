@@ -93,7 +93,11 @@ def parse_args(argv=None) -> dict:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args(argv)
     try:
-        return build_train_config(args.config, args.overrides)
+        cfg = build_train_config(args.config, args.overrides)
+        from training.settings import train_config
+
+        train_config(cfg)  # the typed view (training/settings.py): a wrong key or value is one line
+        return cfg
     except ConfigError as exc:
         user_error(exc)
         raise
