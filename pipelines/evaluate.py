@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from curation.common.config import CONFIG_DIR, ConfigError, build_config, user_error  # noqa: E402
+from curation.common.config import CONFIG_DIR, ConfigError, as_dict, build_config, user_error  # noqa: E402
 
 DEFAULT = CONFIG_DIR / "eval" / "default.yaml"
 
@@ -125,33 +125,34 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help=f"YAML merged over {DEFAULT.relative_to(CONFIG_DIR.parent)}")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_intermixed_args(argv)
-    from training.eval_settings import parse_eval_config
+    from dataclasses import replace
 
-    try:
-        full = build_config(DEFAULT, args.config, args.overrides)
-        parse_eval_config(full["eval"])  # every key present and of its type, before any work
+    from training.eval_settings import parse_eval_job_config
+
+    try:  # the typed view, parsed once before any work
+        job = parse_eval_job_config(build_config(DEFAULT, args.config, args.overrides))
     except ConfigError as exc:
         user_error(exc)
-    cfg = full["eval"]
-    if cfg.get("suite") and not _sets_datasets(args):
-        cfg["datasets"] = []  # the suite alone, unless datasets were asked for as well
+    cfg = job.eval
+    if cfg.suite and not _sets_datasets(args):
+        cfg = replace(cfg, datasets=())  # the suite alone, unless datasets were asked for as well
 
     from curation.common.storage import Storage
     from training.evaluate import format_results, run_evaluation
 
-    Storage.capture(full.get("storage_options")).apply()  # AWS_* variables + storage_options for s3://
+    Storage.capture(job.storage_options).apply()  # AWS_* variables + storage_options for s3://
     try:
-        embedder, image_size = load_embedder(args.checkpoint, args.arch, args.model_config, cfg["device"],
+        embedder, image_size = load_embedder(args.checkpoint, args.arch, args.model_config, cfg.device,
                                              open_clip_only=args.open_clip)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     results = run_evaluation(embedder, cfg, image_size=image_size)
     print(format_results(results))
-    out = Path(cfg["output"] or f"outputs/eval/{_output_name(args.checkpoint)}.json")
+    out = Path(cfg.output or f"outputs/eval/{_output_name(args.checkpoint)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "arch": args.arch or args.model_config,
-                               "config": cfg, "results": results}, indent=2))
+                               "config": as_dict(cfg), "results": results}, indent=2))
     print(f"wrote {out}")
     for res in results.values():
         if "suite" in res:

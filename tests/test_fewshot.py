@@ -7,6 +7,12 @@ import torch.nn.functional as F
 from training.fewshot import (accuracy, cv_fold_ids, fewshot_sweep, format_fewshot_table, project_to_ball_,
                               projected_logits, projected_probe, projected_probe_cv, sample_shots,
                               train_projected_probes, train_scratch_probes)
+from training.eval_settings import eval_config
+
+
+def fewshot_cfg(**changes):
+    """configs/eval/default.yaml's eval.fewshot settings with ``changes``."""
+    return eval_config({"fewshot": changes}).fewshot
 
 
 def test_projection_rescales_only_what_is_outside_the_ball():
@@ -72,7 +78,7 @@ def test_kshot_uses_only_the_k_shots():
     separate validation split) the k-shot sweep runs, and its probes see only those images."""
     x, y, centres = _toy(n=30, c=3, noise=0.4)  # 10 per class
     w0 = F.normalize(centres + 0.6 * torch.randn(centres.shape, generator=torch.Generator().manual_seed(2)), dim=-1)
-    out = fewshot_sweep(x, y, x, y, w0, {"shots": [10], "seeds": [0], "steps": 30})
+    out = fewshot_sweep(x, y, x, y, w0, fewshot_cfg(shots=[10], seeds=[0], steps=30))
     row = out["rows"][0]
     assert row["labels_per_class"] == 10
     # the pool is all shots: the projected probe fits them at least as well as zero-shot
@@ -84,13 +90,13 @@ def test_cross_validated_choice_is_never_below_zero_shot_on_its_own_validation()
     for noise_seed in range(3):
         w0 = F.normalize(centres + 0.8 * torch.randn(centres.shape, generator=torch.Generator().manual_seed(noise_seed)),
                          dim=-1)
-        p = projected_probe_cv(x, y, w0, {"steps": 30, "cv_folds": 4})
+        p = projected_probe_cv(x, y, w0, fewshot_cfg(steps=30, cv_folds=4))
         assert p["cv_acc"] >= p["cv_acc_zeroshot"]
         zs_logits = x @ w0.T
         if (p["delta_rel"], p["delta_b"]) == (0.0, 0.0):  # zero-shot chosen: exactly its predictions
             assert torch.equal(p["predict"](x).argmax(-1), zs_logits.argmax(-1))
     # a perfect zero-shot classifier is kept (ties go to the smallest radii)
-    p = projected_probe_cv(x, y, centres, {"steps": 30, "cv_folds": 4, "delta_rel": [0.0, 0.5], "delta_b": [0.0]})
+    p = projected_probe_cv(x, y, centres, fewshot_cfg(steps=30, cv_folds=4, delta_rel=[0.0, 0.5], delta_b=[0.0]))
     assert p["cv_acc_zeroshot"] == accuracy(x @ centres.T, y).item()
     if p["cv_acc"] == p["cv_acc_zeroshot"]:
         assert (p["delta_rel"], p["delta_b"]) == (0.0, 0.0)
@@ -99,7 +105,7 @@ def test_cross_validated_choice_is_never_below_zero_shot_on_its_own_validation()
 def test_projected_probe_chooses_radii_on_validation():
     """With a perfect zero-shot classifier, validation keeps it (smallest radii on ties)."""
     x, y, centres = _toy()
-    p = projected_probe(x[:30], y[:30], x[30:], y[30:], centres, {"steps": 30})
+    p = projected_probe(x[:30], y[:30], x[30:], y[30:], centres, fewshot_cfg(steps=30))
     assert p["val_acc"] == accuracy(x[30:] @ centres.T, y[30:]).item()
     assert (p["delta_rel"], p["delta_b"]) == (0.0, 0.0)
 
@@ -126,7 +132,7 @@ def test_projected_probe_at_one_shot_is_at_least_zero_shot_on_digits():
     w0 = torch.stack([feats[A[y[A] == c][:2]].mean(0) for c in range(10)])
     w0 = F.normalize(w0 + 0.25 * torch.randn(10, 32, generator=g), dim=-1)
 
-    result = fewshot_sweep(feats[B], y[B], feats[C], y[C], w0, {"shots": [1], "seeds": [0, 1, 2, 3, 4]})
+    result = fewshot_sweep(feats[B], y[B], feats[C], y[C], w0, fewshot_cfg(shots=[1], seeds=[0, 1, 2, 3, 4]))
     row = result["rows"][0]
     zs = accuracy(feats[C] @ w0.T, y[C]).item()
     assert row["zeroshot"] == pytest.approx(zs) and 0.3 < zs < 0.8  # informative, imperfect

@@ -27,12 +27,13 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import fsspec
 from PIL import Image
 
 from curation.images import TRAINABLE_FORMATS, decode_rgb
+from training.eval_settings import EvalConfig, eval_config
 
 DIGITS_TEMPLATES = ["a photo of the number {}.", "a handwritten digit {}.", "the digit {}.",
                     "a black and white photo of the number {}."]
@@ -195,18 +196,19 @@ def demo_dataset(cache_dir: str, num_train: int = 500, num_test: int = 500, seed
     return wds_dataset(root, name="demo")
 
 
-def load_eval_dataset(name: str, cfg: dict, image_size: int = 224) -> EvalDataset:
-    """Dataset ``name`` from the ``eval`` config section: ``digits``, ``demo``, or a key of
-    ``eval.wds`` (name -> CLIP_benchmark folder or URL)."""
-    wds_roots = cfg.get("wds") or {}
+def load_eval_dataset(name: str, cfg: EvalConfig | Mapping, image_size: int = 224) -> EvalDataset:
+    """Dataset ``name`` from the ``eval`` config section (a view, or a mapping merged over
+    configs/eval/default.yaml): ``digits``, ``demo``, or a key of ``eval.wds`` (name -> CLIP_benchmark
+    folder or URL)."""
+    cfg = eval_config(cfg)
+    wds_roots = cfg.wds
     if name in wds_roots:
         return wds_dataset(wds_roots[name], name=name)
     if name == "digits":
         return digits_dataset(image_size)
     if name == "demo":
-        demo = cfg.get("demo") or {}
-        return demo_dataset(cfg.get("cache_dir", "outputs/eval_cache"), demo.get("num_train", 500),
-                            demo.get("num_test", 500), demo.get("seed", 1000))
+        demo = cfg.demo
+        return demo_dataset(cfg.cache_dir, demo.num_train, demo.num_test, demo.seed)
     raise EvalDataError(f"unknown eval dataset {name!r}: use digits, demo or a name under eval.wds "
                         f"(known: {sorted(wds_roots)})")
 

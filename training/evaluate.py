@@ -35,7 +35,8 @@ from __future__ import annotations
 import math
 import re
 import time
-from typing import Callable, Iterable, Iterator
+from dataclasses import replace
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from training import fewshot
 from training.eval_data import (EvalDataset, find_task_folder, load_eval_dataset, load_suite,
                                 suite_task_dataset)
+from training.eval_settings import EvalConfig, LinearProbeSettings, eval_config
 
 
 class OpenClipEmbedder:
@@ -237,59 +239,61 @@ def retrieval_eval(embedder, test: dict, ensemble_weights, ks=(1, 5, 10), batch_
     return {name: retrieval_metrics(s, owner, ks) for name, s in with_ensembles(sims, ensemble_weights).items()}
 
 
-def linear_probe_eval(train: dict, test: dict, cfg: dict) -> dict:
-    """From-scratch probe per name; weight decay chosen on ``val_fraction`` of the train split."""
-    gen = torch.Generator().manual_seed(cfg.get("seed", 0))
+def linear_probe_eval(train: dict, test: dict, cfg: LinearProbeSettings) -> dict:
+    """From-scratch probe per name; weight decay chosen on ``val_fraction`` of the train split
+    (``cfg``: the ``eval.linear_probe`` settings)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
     n = len(train["labels"])
     perm = torch.randperm(n, generator=gen)
-    nval = max(1, int(n * cfg.get("val_fraction", 0.2)))
+    nval = max(1, int(n * cfg.val_fraction))
     va, tr = perm[:nval], perm[nval:]
     num_classes = int(max(train["labels"].max(), test["labels"].max())) + 1
-    probe_cfg = {"weight_decay": cfg["weight_decay"], "steps": cfg["steps"], "lr_scratch": cfg["lr"]}
     out = {}
-    with fewshot.torch_threads(cfg.get("num_threads", 1)):
+    with fewshot.torch_threads(cfg.num_threads):
         for name, x in train["features"].items():
-            p = fewshot.scratch_probe(x[tr], train["labels"][tr], x[va], train["labels"][va],
-                                      num_classes, probe_cfg)
+            p = fewshot.scratch_probe(x[tr], train["labels"][tr], x[va], train["labels"][va], num_classes, cfg)
             metrics = classification_metrics(p["predict"](test["features"][name]), test["labels"])
             out[name] = {**metrics, "weight_decay": p["weight_decay"], "val_acc": p["val_acc"]}
     return out
 
 
-def evaluate_dataset(embedder, dataset: EvalDataset, cfg: dict, log: Callable = print) -> dict:
-    """All enabled evaluations of one dataset; see ``configs/eval/default.yaml`` for ``cfg``."""
+def evaluate_dataset(embedder, dataset: EvalDataset, cfg: EvalConfig | Mapping, log: Callable = print,
+                     group_by: int | str | None = None) -> dict:
+    """All enabled evaluations of one dataset; ``cfg`` is the ``eval`` section (a view, or a
+    mapping merged over configs/eval/default.yaml, see :func:`training.eval_settings.eval_config`).
+    ``group_by``: a suite task's metadata column of the groups (worst-group metrics)."""
+    cfg = eval_config(cfg)
     t0 = time.time()
-    bs, cap = cfg.get("batch_size", 64), cfg.get("max_samples")
-    weights = cfg.get("ensemble_weights", [])
+    bs, cap = cfg.batch_size, cfg.max_samples
+    weights = cfg.ensemble_weights
     result: dict = {}
-    test = image_features(embedder, dataset.samples(cfg.get("split", "test")), bs, cap)
+    test = image_features(embedder, dataset.samples(cfg.split), bs, cap)
     result["num_test"] = len(test["keys"])
     classify = dataset.classnames is not None and test["labels"] is not None
-    templates = dataset.templates or cfg.get("templates")
+    templates = dataset.templates or cfg.templates
     classifier = None
-    if classify and cfg.get("zeroshot", True):
+    if classify and cfg.zeroshot:
         if not templates:
             raise ValueError(f"dataset {dataset.name!r} has no templates; set eval.templates")
         classifier = zeroshot_classifier(embedder, dataset.classnames, templates, bs)
-        result["zeroshot"] = zeroshot_eval(test, classifier, weights, cfg.get("group_by"))
-    if test["captions"] is not None and cfg.get("retrieval", True):
-        result["retrieval"] = retrieval_eval(embedder, test, weights, cfg.get("recall_at", [1, 5, 10]), bs)
-    lp, fs = cfg.get("linear_probe", {}), cfg.get("fewshot", {})
-    train_split = cfg.get("train_split", "train")
-    want_train = classify and (lp.get("enabled") or fs.get("enabled"))
+        result["zeroshot"] = zeroshot_eval(test, classifier, weights, group_by)
+    if test["captions"] is not None and cfg.retrieval:
+        result["retrieval"] = retrieval_eval(embedder, test, weights, cfg.recall_at, bs)
+    lp, fs = cfg.linear_probe, cfg.fewshot
+    train_split = cfg.train_split
+    want_train = classify and (lp.enabled or fs.enabled)
     if want_train and train_split not in dataset.splits:
         log(f"  {dataset.name}: no {train_split!r} split, skipping the linear and few-shot probes")
     elif want_train:
-        train = image_features(embedder, dataset.samples(train_split), bs, cfg.get("max_train_samples"))
+        train = image_features(embedder, dataset.samples(train_split), bs, cfg.max_train_samples)
         result["num_train"] = len(train["keys"])
-        if lp.get("enabled"):
+        if lp.enabled:
             result["linear_probe"] = linear_probe_eval(train, test, lp)
-        if fs.get("enabled") and classifier is not None:
-            fs_cfg = {k: v for k, v in fs.items() if k != "enabled"}
+        if fs.enabled and classifier is not None:
             try:
                 result["fewshot"] = {name: fewshot.fewshot_sweep(train["features"][name], train["labels"],
                                                                 test["features"][name], test["labels"],
-                                                                classifier[name], fs_cfg)
+                                                                classifier[name], fs)
                                      for name in classifier}
             except ValueError as exc:  # e.g. a class with fewer than k + 1 training samples
                 log(f"  {dataset.name}: few-shot skipped: {exc}")
@@ -370,26 +374,27 @@ def suite_averages(suite: dict, tasks: dict) -> dict:
     return out
 
 
-def evaluate_suite(embedder, cfg: dict, log: Callable = print) -> dict:
-    """Zero-shot evaluation of every task of suite ``cfg["suite"]`` found under ``cfg["wds_root"]``.
+def evaluate_suite(embedder, cfg: EvalConfig, log: Callable = print) -> dict:
+    """Zero-shot evaluation of every task of suite ``cfg.suite`` found under ``cfg.wds_root``.
 
     Each task: ``status`` ``ok`` (with ``main``: embedding name -> main metric, and ``result``: all
     metrics), ``missing`` (no folder under the root), ``unsupported`` (a main metric not computed
     here) or ``failed`` (``error``; the other tasks still run). Probes are not run for suite tasks.
     """
-    suite = load_suite(cfg["suite"])
-    root = cfg.get("wds_root")
+    suite = load_suite(cfg.suite)
+    root = cfg.wds_root
     if not root:
-        raise ValueError(f"eval.suite={cfg['suite']} needs eval.wds_root (the folder of CLIP_benchmark wds datasets)")
+        raise ValueError(f"eval.suite={cfg.suite} needs eval.wds_root (the folder of CLIP_benchmark wds datasets)")
     import fsspec
 
     fs, base = fsspec.core.url_to_fs(str(root))
     if not fs.isdir(base):
         raise ValueError(f"eval.wds_root not found: {root}")
-    ks = sorted(set(cfg.get("recall_at") or [1, 5, 10]) | {int(m.group(2)) for t in suite["tasks"]
-                                                           if (m := RETRIEVAL_METRIC.match(t["main_metric"]))})
-    base = {**cfg, "recall_at": ks, "linear_probe": {"enabled": False}, "fewshot": {"enabled": False}}
-    split = cfg.get("split", "test")
+    ks = sorted(set(cfg.recall_at or [1, 5, 10]) | {int(m.group(2)) for t in suite["tasks"]
+                                                    if (m := RETRIEVAL_METRIC.match(t["main_metric"]))})
+    base = replace(cfg, recall_at=tuple(ks), linear_probe=replace(cfg.linear_probe, enabled=False),
+                   fewshot=replace(cfg.fewshot, enabled=False))
+    split = cfg.split
     n, tasks = len(suite["tasks"]), {}
     log(f"suite {suite['name']}: {n} tasks under {root}")
     for i, task in enumerate(suite["tasks"], 1):
@@ -415,8 +420,8 @@ def evaluate_suite(embedder, cfg: dict, log: Callable = print) -> dict:
         try:
             dataset = suite_task_dataset(folder, task)
             classify = task["task"] == "zeroshot_classification"
-            res = evaluate_dataset(embedder, dataset, {**base, "zeroshot": classify, "retrieval": not classify,
-                                                       "group_by": task.get("group_by")}, log)
+            res = evaluate_dataset(embedder, dataset, replace(base, zeroshot=classify, retrieval=not classify),
+                                   log, group_by=task.get("group_by"))
             entry.update(status="ok", main=_task_main(task, res), result=res)
             shown = ", ".join(f"{name} {100 * v:.2f}" for name, v in entry["main"].items())
             log(f"[{i}/{n}] {key}: {task['main_metric']} {shown} ({res['num_test']} images, {res['elapsed_s']}s)")
@@ -432,17 +437,21 @@ def evaluate_suite(embedder, cfg: dict, log: Callable = print) -> dict:
             "averages": suite_averages(suite, tasks)}
 
 
-def run_evaluation(embedder, cfg: dict, image_size: int | None = None, log: Callable = print) -> dict:
-    """Evaluate ``embedder`` on every dataset in ``cfg["datasets"]`` (the ``eval`` section) and,
-    with ``cfg["suite"]``, on the suite's tasks under ``cfg["wds_root"]`` (result key
-    ``suite/<name>``, see :func:`evaluate_suite`).
+def run_evaluation(embedder, cfg: EvalConfig | Mapping, image_size: int | None = None,
+                   log: Callable = print) -> dict:
+    """Evaluate ``embedder`` on every dataset in ``cfg.datasets`` and, with ``cfg.suite``, on the
+    suite's tasks under ``cfg.wds_root`` (result key ``suite/<name>``, see :func:`evaluate_suite`).
+    ``cfg`` is the ``eval`` section: an :class:`~training.eval_settings.EvalConfig`, or a plain
+    mapping (the training loop's section), merged over configs/eval/default.yaml and parsed here
+    once (:func:`training.eval_settings.eval_config`; a wrong key or value is a ConfigError).
 
     ``image_size`` (for the built-in digits) defaults to the size ``embedder.preprocess`` makes.
     A dataset that cannot be read is reported under ``{"error": ...}``; the others still run.
     """
+    cfg = eval_config(cfg)
     image_size = image_size or preprocess_size(embedder.preprocess)
     results = {}
-    for name in cfg.get("datasets", []):
+    for name in cfg.datasets:
         log(f"evaluating on {name} ...")
         try:
             dataset = load_eval_dataset(name, cfg, image_size)
@@ -450,13 +459,13 @@ def run_evaluation(embedder, cfg: dict, image_size: int | None = None, log: Call
         except (ValueError, OSError) as exc:
             log(f"  {name}: {exc}")
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-    if cfg.get("suite"):
+    if cfg.suite:
         try:
             res = evaluate_suite(embedder, cfg, log)
             results[f"suite/{res['suite']}"] = res
         except (ValueError, OSError) as exc:
-            log(f"  suite {cfg['suite']}: {exc}")
-            results[f"suite/{cfg['suite']}"] = {"error": f"{type(exc).__name__}: {exc}"}
+            log(f"  suite {cfg.suite}: {exc}")
+            results[f"suite/{cfg.suite}"] = {"error": f"{type(exc).__name__}: {exc}"}
     return results
 
 

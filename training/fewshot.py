@@ -27,22 +27,16 @@ import contextlib
 import itertools
 import math
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-DEFAULTS = {
-    "shots": [1, 2, 4, 8, 16],
-    "seeds": [0, 1, 2],
-    "cv_folds": 5,              # folds of the cross-validation over the k shots (radii, decay)
-    "logit_scale": 100.0,       # s in s * x^T (W0 + W) + b
-    "delta_rel": [0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0],  # ||W|| radii as fractions of ||W0||
-    "delta_b": [0.0, 1.0, 5.0],  # ||b|| radii (logit units)
-    "weight_decay": [0.0, 1e-4, 1e-3, 1e-2, 1e-1],  # from-scratch baseline grid
-    "steps": 200,
-    "lr_projected": 1e-2,
-    "lr_scratch": 1e-2,
-    "num_threads": 1,           # torch threads for these tiny problems (null: leave as is)
-}
+if TYPE_CHECKING:
+    from training.eval_settings import FewshotSettings, LinearProbeSettings
+
+# The settings are the ``eval.fewshot`` section (configs/eval/default.yaml) as a
+# training.eval_settings.FewshotSettings view; the YAML holds their defaults.
 
 
 def project_to_ball_(t: torch.Tensor, radius: torch.Tensor) -> None:
@@ -136,31 +130,29 @@ def _pick(val_acc: torch.Tensor, order: list[int]) -> int:
     return next(i for i in order if val_acc[i] >= best - 1e-9)
 
 
-def projected_probe(train_x, train_y, val_x, val_y, w0, cfg: dict | None = None) -> dict:
+def projected_probe(train_x, train_y, val_x, val_y, w0, cfg: FewshotSettings) -> dict:
     """Fit the projected-probe grid, choose the radii on validation; returns a dict with the
     chosen ``delta``, ``delta_b``, ``val_acc`` and a ``predict(x) -> logits`` callable."""
-    cfg = {**DEFAULTS, **(cfg or {})}
     w0 = F.normalize(w0.float(), dim=-1)
     w0_norm = w0.norm().item()
-    grid = list(itertools.product(cfg["delta_rel"], cfg["delta_b"]))
+    grid = list(itertools.product(cfg.delta_rel, cfg.delta_b))
     deltas = [r * w0_norm for r, _ in grid]
     W, b = train_projected_probes(train_x, train_y, w0, deltas, [db for _, db in grid],
-                                  cfg["logit_scale"], cfg["steps"], cfg["lr_projected"], cfg["num_threads"])
-    val_acc = accuracy(projected_logits(val_x.float(), w0, W, b, cfg["logit_scale"]), val_y)
+                                  cfg.logit_scale, cfg.steps, cfg.lr_projected, cfg.num_threads)
+    val_acc = accuracy(projected_logits(val_x.float(), w0, W, b, cfg.logit_scale), val_y)
     order = sorted(range(len(grid)), key=lambda g: (grid[g][0] + grid[g][1], grid[g]))
     g = _pick(val_acc, order)
     Wg, bg = W[g:g + 1], b[g:g + 1]
     return {"delta": deltas[g], "delta_rel": grid[g][0], "delta_b": grid[g][1],
             "val_acc": val_acc[g].item(),
-            "predict": lambda x: projected_logits(x.float(), w0, Wg, bg, cfg["logit_scale"])[0]}
+            "predict": lambda x: projected_logits(x.float(), w0, Wg, bg, cfg.logit_scale)[0]}
 
 
-def scratch_probe(train_x, train_y, val_x, val_y, num_classes, cfg: dict | None = None) -> dict:
-    """Fit the from-scratch grid, choose the weight decay on validation (ties: larger decay)."""
-    cfg = {**DEFAULTS, **(cfg or {})}
-    wds = list(cfg["weight_decay"])
-    W, b = train_scratch_probes(train_x, train_y, num_classes, wds, cfg["steps"], cfg["lr_scratch"],
-                                cfg["num_threads"])
+def scratch_probe(train_x, train_y, val_x, val_y, num_classes, cfg: LinearProbeSettings) -> dict:
+    """Fit the from-scratch grid (``cfg``: the ``eval.linear_probe`` settings), choose the weight
+    decay on validation (ties: larger decay)."""
+    wds = list(cfg.weight_decay)
+    W, b = train_scratch_probes(train_x, train_y, num_classes, wds, cfg.steps, cfg.lr, cfg.num_threads)
     val_acc = accuracy(scratch_logits(val_x.float(), W, b), val_y)
     g = _pick(val_acc, sorted(range(len(wds)), key=lambda i: -wds[i]))
     Wg, bg = W[g:g + 1], b[g:g + 1]
@@ -202,55 +194,54 @@ def _cv_accuracy(logits: torch.Tensor, y: torch.Tensor, fold_ids: torch.Tensor, 
     return (correct & held_out[:, None, :]).sum((0, 2)).float() / len(y)
 
 
-def projected_probe_cv(x, y, w0, cfg: dict | None = None) -> dict:
+def projected_probe_cv(x, y, w0, cfg: FewshotSettings, cv_seed: int = 0) -> dict:
     """The projected probe with its radii chosen by cross-validation within ``(x, y)`` (the k
     shots), then refitted on all of them. Returns ``delta``, ``delta_rel``, ``delta_b``,
     ``cv_acc`` (of the chosen radii), ``cv_acc_zeroshot`` (of radii 0, i.e. zero-shot, which is
-    always a candidate: ``cv_acc >= cv_acc_zeroshot``) and ``predict(x) -> logits``."""
-    cfg = {**DEFAULTS, **(cfg or {})}
+    always a candidate: ``cv_acc >= cv_acc_zeroshot``) and ``predict(x) -> logits``. ``cv_seed``
+    seeds the folds."""
     y = y.long()
     w0 = F.normalize(w0.float(), dim=-1)
     w0_norm = w0.norm().item()
-    grid = list(itertools.product(cfg["delta_rel"], cfg["delta_b"]))
+    grid = list(itertools.product(cfg.delta_rel, cfg.delta_b))
     if (0.0, 0.0) not in grid:
         grid.append((0.0, 0.0))  # zero-shot is always a candidate
     deltas = [r * w0_norm for r, _ in grid]
     delta_bs = [db for _, db in grid]
-    fold_ids = cv_fold_ids(y, cfg["cv_folds"], seed=int(cfg.get("cv_seed", 0)))
+    fold_ids = cv_fold_ids(y, cfg.cv_folds, seed=cv_seed)
     masks, folds = _cv_masks(fold_ids, len(grid))
     if folds < 2:  # one labelled sample: nothing to validate on, keep zero-shot
         g = grid.index((0.0, 0.0))
         cv = torch.zeros(len(grid))
     else:
-        W, b = train_projected_probes(x, y, w0, deltas * folds, delta_bs * folds, cfg["logit_scale"],
-                                      cfg["steps"], cfg["lr_projected"], cfg["num_threads"], mask=masks)
-        cv = _cv_accuracy(projected_logits(x.float(), w0, W, b, cfg["logit_scale"]), y, fold_ids, folds, len(grid))
+        W, b = train_projected_probes(x, y, w0, deltas * folds, delta_bs * folds, cfg.logit_scale,
+                                      cfg.steps, cfg.lr_projected, cfg.num_threads, mask=masks)
+        cv = _cv_accuracy(projected_logits(x.float(), w0, W, b, cfg.logit_scale), y, fold_ids, folds, len(grid))
         order = sorted(range(len(grid)), key=lambda i: (grid[i][0] + grid[i][1], grid[i]))
         g = _pick(cv, order)
-    Wg, bg = train_projected_probes(x, y, w0, [deltas[g]], [delta_bs[g]], cfg["logit_scale"], cfg["steps"],
-                                    cfg["lr_projected"], cfg["num_threads"])
+    Wg, bg = train_projected_probes(x, y, w0, [deltas[g]], [delta_bs[g]], cfg.logit_scale, cfg.steps,
+                                    cfg.lr_projected, cfg.num_threads)
     return {"delta": deltas[g], "delta_rel": grid[g][0], "delta_b": grid[g][1],
             "cv_acc": cv[g].item(), "cv_acc_zeroshot": cv[grid.index((0.0, 0.0))].item(),
-            "predict": lambda z: projected_logits(z.float(), w0, Wg, bg, cfg["logit_scale"])[0]}
+            "predict": lambda z: projected_logits(z.float(), w0, Wg, bg, cfg.logit_scale)[0]}
 
 
-def scratch_probe_cv(x, y, num_classes, cfg: dict | None = None) -> dict:
+def scratch_probe_cv(x, y, num_classes, cfg: FewshotSettings, cv_seed: int = 0) -> dict:
     """The from-scratch probe with its weight decay chosen by cross-validation within ``(x, y)``
     (ties: larger decay), refitted on all of them."""
-    cfg = {**DEFAULTS, **(cfg or {})}
     y = y.long()
-    wds = list(cfg["weight_decay"])
-    fold_ids = cv_fold_ids(y, cfg["cv_folds"], seed=int(cfg.get("cv_seed", 0)))
+    wds = list(cfg.weight_decay)
+    fold_ids = cv_fold_ids(y, cfg.cv_folds, seed=cv_seed)
     masks, folds = _cv_masks(fold_ids, len(wds))
     order = sorted(range(len(wds)), key=lambda i: -wds[i])
     if folds < 2:
         g, cv = order[0], torch.zeros(len(wds))
     else:
-        W, b = train_scratch_probes(x, y, num_classes, wds * folds, cfg["steps"], cfg["lr_scratch"],
-                                    cfg["num_threads"], mask=masks)
+        W, b = train_scratch_probes(x, y, num_classes, wds * folds, cfg.steps, cfg.lr_scratch,
+                                    cfg.num_threads, mask=masks)
         cv = _cv_accuracy(scratch_logits(x.float(), W, b), y, fold_ids, folds, len(wds))
         g = _pick(cv, order)
-    Wg, bg = train_scratch_probes(x, y, num_classes, [wds[g]], cfg["steps"], cfg["lr_scratch"], cfg["num_threads"])
+    Wg, bg = train_scratch_probes(x, y, num_classes, [wds[g]], cfg.steps, cfg.lr_scratch, cfg.num_threads)
     return {"weight_decay": wds[g], "cv_acc": cv[g].item(),
             "predict": lambda z: scratch_logits(z.float(), Wg, bg)[0]}
 
@@ -268,11 +259,10 @@ def sample_shots(labels: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     return torch.cat(train_idx)
 
 
-def fewshot_sweep(train_x, train_y, test_x, test_y, w0, cfg: dict | None = None) -> dict:
+def fewshot_sweep(train_x, train_y, test_x, test_y, w0, cfg: FewshotSettings) -> dict:
     """The k-shot sweep: zero-shot, projected probe and from-scratch probe test accuracy (mean
-    and std over seeds) for every k in ``cfg["shots"]``."""
-    cfg = {**DEFAULTS, **(cfg or {})}
-    with torch_threads(cfg.get("num_threads", 1)):
+    and std over seeds) for every k in ``cfg.shots`` (``cfg``: the ``eval.fewshot`` settings)."""
+    with torch_threads(cfg.num_threads):
         return _sweep(train_x, train_y.long(), test_x, test_y.long(), w0, cfg)
 
 
@@ -292,12 +282,12 @@ def _sweep(train_x, train_y, test_x, test_y, w0, cfg):
     num_classes = w0.shape[0]
     zs = accuracy(F.normalize(test_x.float(), dim=-1) @ F.normalize(w0.float(), dim=-1).T, test_y).item()
     rows = []
-    for k in cfg["shots"]:
+    for k in cfg.shots:
         proj, scratch, radii, decays = [], [], [], []
-        for seed in cfg["seeds"]:
+        for seed in cfg.seeds:
             tr = sample_shots(train_y, k, seed)  # k labels per class, nothing else
-            p = projected_probe_cv(train_x[tr], train_y[tr], w0, {**cfg, "cv_seed": seed})
-            s = scratch_probe_cv(train_x[tr], train_y[tr], num_classes, {**cfg, "cv_seed": seed})
+            p = projected_probe_cv(train_x[tr], train_y[tr], w0, cfg, cv_seed=seed)
+            s = scratch_probe_cv(train_x[tr], train_y[tr], num_classes, cfg, cv_seed=seed)
             proj.append(accuracy(p["predict"](test_x), test_y).item())
             scratch.append(accuracy(s["predict"](test_x), test_y).item())
             radii.append((p["delta_rel"], p["delta_b"]))
@@ -306,7 +296,7 @@ def _sweep(train_x, train_y, test_x, test_y, w0, cfg):
                      "scratch": _mean(scratch), "scratch_std": _std(scratch),
                      "projected_per_seed": proj, "scratch_per_seed": scratch,
                      "chosen_radii": radii, "chosen_weight_decay": decays, "labels_per_class": k})
-    return {"zeroshot": zs, "rows": rows, "seeds": list(cfg["seeds"])}
+    return {"zeroshot": zs, "rows": rows, "seeds": list(cfg.seeds)}
 
 
 def _mean(v):
