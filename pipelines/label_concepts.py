@@ -30,6 +30,8 @@ import posixpath
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
+from typing import Mapping
 
 import numpy as np
 
@@ -38,8 +40,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fsspec  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from curation.common.config import CONFIG_DIR, ConfigError, parse_cli, user_error  # noqa: E402
+from curation.common.config import CONFIG_DIR, ConfigError, as_dict, parse_cli, user_error  # noqa: E402
 from training import concepts as C  # noqa: E402
+from training.concept_settings import (LabelConceptsConfig, TeacherSettings,  # noqa: E402
+                                       parse_label_config)
 
 DEFAULT_CONFIG = CONFIG_DIR / "concepts" / "label_concepts.yaml"
 
@@ -48,8 +52,8 @@ class LabelError(RuntimeError):
     pass
 
 
-def output_url(cfg: dict) -> str:
-    return cfg.get("output") or cfg["input"].rstrip("/") + "/concepts"
+def output_url(cfg: LabelConceptsConfig) -> str:
+    return cfg.output or cfg.input.rstrip("/") + "/concepts"
 
 
 def list_curated_shards(input_url: str) -> list[str]:
@@ -75,7 +79,7 @@ def read_sizes(input_url: str) -> dict:
         return json.load(f)
 
 
-def check_teacher(teacher: dict) -> None:
+def check_teacher(teacher: TeacherSettings) -> None:
     """Fail fast with a clear message: load the teacher once on the driver (CPU) before any
     actor starts, so a wrong path, architecture or checkpoint is one line, not an actor crash."""
     try:
@@ -84,7 +88,7 @@ def check_teacher(teacher: dict) -> None:
         raise LabelError(str(exc)) from None
 
 
-def total_samples(urls: list[str], sizes: dict, cfg: dict, storage) -> int:
+def total_samples(urls: list[str], sizes: dict, cfg: LabelConceptsConfig, storage) -> int:
     """Samples in these shards: ``shards/sizes.json`` when it lists them all, else counted by
     one read task per shard (per-shard counts only reach the driver)."""
     import ray
@@ -94,38 +98,37 @@ def total_samples(urls: list[str], sizes: dict, cfg: dict, storage) -> int:
         return int(sum(int(sizes[n]) for n in names))
     ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
     counts = ds.map_batches(C.count_shard_rows_batch, batch_size=1, batch_format="pyarrow",
-                            fn_kwargs={"storage": storage}, num_cpus=cfg["stages"]["read"]["num_cpus"])
+                            fn_kwargs={"storage": storage}, num_cpus=cfg.stages.read.num_cpus)
     return int(sum(r["rows"] for r in counts.select_columns(["rows"]).iter_rows()))
 
 
-def fit_sample(urls: list[str], cfg: dict, fraction: float, storage) -> dict:
+def fit_sample(urls: list[str], cfg: LabelConceptsConfig, fraction: float, storage) -> dict:
     """Pass 1: every caption parsed (vocabulary counts), the ``fraction`` key subsample of the
     samples without errors embedded; returns the counts and the sample's features and concepts
     (bounded by ``classifier.max_samples``)."""
     import ray
 
-    st, cc = cfg["stages"], cfg["classifier"]
+    st, cc = cfg.stages, cfg.classifier
     ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
     ds = ds.map_batches(C.read_shards_for_fit, batch_size=1, batch_format="pyarrow",
-                        fn_kwargs={"rows_per_block": int(st["read"]["rows_per_block"]), "storage": storage,
-                                   "fraction": fraction, "seed": int(cc["seed"])},
-                        num_cpus=st["read"]["num_cpus"])
+                        fn_kwargs={"rows_per_block": st.read.rows_per_block, "storage": storage,
+                                   "fraction": fraction, "seed": cc.seed},
+                        num_cpus=st.read.num_cpus)
     ds = ds.map_batches(C.ConceptCountSampleStage,
-                        fn_constructor_kwargs={"model": cfg["spacy"]["model"],
-                                               "batch_size": int(cfg["spacy"]["batch_size"]),
-                                               "fraction": fraction, "seed": int(cc["seed"])},
-                        batch_size=int(st["parse"]["batch_size"]), batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=int(st["parse"]["actors"])),
-                        num_cpus=st["parse"]["num_cpus"])
-    gpus = st["embed"].get("num_gpus") or 0
+                        fn_constructor_kwargs={"model": cfg.spacy.model, "batch_size": cfg.spacy.batch_size,
+                                               "fraction": fraction, "seed": cc.seed},
+                        batch_size=st.parse.batch_size, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=st.parse.actors),
+                        num_cpus=st.parse.num_cpus)
+    gpus = st.embed.num_gpus
     ds = ds.map_batches(C.TeacherEmbedStageWithStorage,
-                        fn_constructor_kwargs={"teacher_cfg": cfg["teacher"],
+                        fn_constructor_kwargs={"teacher_cfg": cfg.teacher,
                                                "device": "cuda" if gpus > 0 else "cpu",
-                                               "batch_size": int(st["embed"]["forward_batch_size"]),
+                                               "batch_size": st.embed.forward_batch_size,
                                                "storage": storage},
-                        batch_size=int(st["embed"]["batch_size"]), batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=int(st["embed"]["actors"])),
-                        num_cpus=st["embed"]["num_cpus"], num_gpus=gpus)
+                        batch_size=st.embed.batch_size, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=st.embed.actors),
+                        num_cpus=st.embed.num_cpus, num_gpus=gpus)
     out = {"objects": Counter(), "attributes": Counter(), "rows": 0,
            "features": [], "fit_objects": [], "fit_attributes": []}
     for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -147,26 +150,26 @@ def fit_sample(urls: list[str], cfg: dict, fraction: float, storage) -> dict:
     return out
 
 
-def label_all(urls: list[str], cfg: dict, classifiers: dict, out_url: str, storage) -> list[dict]:
+def label_all(urls: list[str], cfg: LabelConceptsConfig, classifiers: dict, out_url: str, storage) -> list[dict]:
     """Pass 2, one streaming pass: teacher actors label one shard per call and write its label
     file themselves; the driver receives one summary row per shard."""
     import ray
 
-    st = cfg["stages"]
-    gpus = st["embed"].get("num_gpus") or 0
+    st = cfg.stages
+    gpus = st.embed.num_gpus
     ds = ray.data.from_items([{"url": u} for u in urls], override_num_blocks=len(urls))
     ds = ds.map_batches(C.LabelShardStage,
-                        fn_constructor_kwargs={"teacher_cfg": cfg["teacher"],
+                        fn_constructor_kwargs={"teacher_cfg": cfg.teacher,
                                                "objects": classifiers["objects"].to_dict(),
                                                "attributes": classifiers["attributes"].to_dict(),
-                                               "k": int(cfg["top_k"]), "out_url": out_url,
+                                               "k": cfg.top_k, "out_url": out_url,
                                                "device": "cuda" if gpus > 0 else "cpu",
-                                               "batch_size": int(st["embed"]["forward_batch_size"]),
-                                               "rows_per_block": int(st["read"]["rows_per_block"]),
+                                               "batch_size": st.embed.forward_batch_size,
+                                               "rows_per_block": st.read.rows_per_block,
                                                "storage": storage},
                         batch_size=1, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=int(st["label"]["actors"])),
-                        num_cpus=st["label"]["num_cpus"], num_gpus=gpus)
+                        compute=ray.data.ActorPoolStrategy(size=st.label.actors),
+                        num_cpus=st.label.num_cpus, num_gpus=gpus)
     return list(ds.iter_rows())
 
 
@@ -182,8 +185,9 @@ def write_bytes(fs, path: str, data: bytes) -> None:
     fs.mv(tmp, path)
 
 
-def label_concepts(cfg: dict, log=print) -> dict:
-    """Run the labelling job described by ``cfg``; returns the contents of ``vocab.json``."""
+def label_concepts(cfg: LabelConceptsConfig | Mapping, log=print) -> dict:
+    """Run the labelling job described by ``cfg`` (the typed view, or the merged config as plain
+    data, parsed here once); returns the contents of ``vocab.json``."""
     import ray
     import torch
 
@@ -191,21 +195,22 @@ def label_concepts(cfg: dict, log=print) -> dict:
     from curation.common.storage import Storage, absolute
 
     started = time.time()
-    if not cfg.get("input"):
+    if not isinstance(cfg, LabelConceptsConfig):
+        cfg = parse_label_config(cfg)
+    if not cfg.input:
         raise LabelError("input (the curated output folder) is required")
-    k = int(cfg["top_k"])
+    k = cfg.top_k
     if k < 1:
         raise LabelError(f"top_k must be >= 1, not {k}")
-    storage = Storage.capture(cfg.get("storage_options")).apply()
+    storage = Storage.capture(cfg.storage_options).apply()
     # absolute before ray.init: under ray job submit the working_dir may be unpacked again later,
     # leaving the driver in a deleted directory (see training/train.py: absolute_paths)
-    cfg = {**cfg, "input": absolute(cfg["input"]),
-           "teacher": {k: (absolute(v) if k in ("checkpoint", "model_config") and isinstance(v, str) and v
-                           else v) for k, v in cfg["teacher"].items()}}
-    if cfg.get("output"):
-        cfg["output"] = absolute(cfg["output"])
-    check_teacher(cfg["teacher"])
-    urls = list_curated_shards(cfg["input"])
+    t = cfg.teacher
+    cfg = replace(cfg, input=absolute(cfg.input), output=absolute(cfg.output) if cfg.output else cfg.output,
+                  teacher=replace(t, checkpoint=absolute(t.checkpoint) if t.checkpoint else t.checkpoint,
+                                  model_config=absolute(t.model_config) if t.model_config else t.model_config))
+    check_teacher(cfg.teacher)
+    urls = list_curated_shards(cfg.input)
     out_url = output_url(cfg)
     fs, out_root = fsspec.core.url_to_fs(out_url)
     fs.makedirs(out_root, exist_ok=True)
@@ -213,26 +218,26 @@ def label_concepts(cfg: dict, log=print) -> dict:
     vocab_path = posixpath.join(out_root, "vocab.json")
     if fs.exists(vocab_path):  # the folder is incomplete until this run writes it again
         fs.rm(vocab_path)
-    log(f"labelling {len(urls)} curated shards of {cfg['input']} -> {out_url}")
+    log(f"labelling {len(urls)} curated shards of {cfg.input} -> {out_url}")
 
-    init_ray(cfg.get("ray", {}), storage=storage)
-    warn_local_paths_on_cluster({"input": cfg["input"], "output": out_url}, log=log)
-    ray.data.DataContext.get_current().enable_progress_bars = bool(cfg.get("progress", True))
-    sizes = read_sizes(cfg["input"])
-    cc = cfg["classifier"]
+    init_ray(cfg.ray, storage=storage)
+    warn_local_paths_on_cluster({"input": cfg.input, "output": out_url}, log=log)
+    ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+    sizes = read_sizes(cfg.input)
+    cc = cfg.classifier
     total = total_samples(urls, sizes, cfg, storage)
-    max_samples = cc.get("max_samples")
+    max_samples = cc.max_samples
     fraction = 1.0 if not max_samples or total <= max_samples else max_samples / total
     data = fit_sample(urls, cfg, fraction, storage)
     t_embed = time.time()
     obj_counts, attr_counts, n_rows = data["objects"], data["attributes"], data["rows"]
     vocabs = {}
     for name, counts in (("objects", obj_counts), ("attributes", attr_counts)):
-        v = cfg["vocab"][name]
-        vocabs[name] = C.build_vocab(counts, v["size"], int(v["min_count"]))
+        v = getattr(cfg.vocab, name)
+        vocabs[name] = C.build_vocab(counts, v.size, v.min_count)
         if not vocabs[name]:
             raise LabelError(f"the {name} vocabulary is empty: no {name[:-1]} is mentioned by "
-                             f"vocab.{name}.min_count={v['min_count']} captions of {n_rows}; "
+                             f"vocab.{name}.min_count={v.min_count} captions of {n_rows}; "
                              "lower the minimum count")
     log(f"{n_rows} samples; vocabularies: {len(vocabs['objects'])} objects "
         f"(of {len(obj_counts)}), {len(vocabs['attributes'])} attributes (of {len(attr_counts)})")
@@ -244,11 +249,11 @@ def label_concepts(cfg: dict, log=print) -> dict:
     attr_index = {n: i for i, n in enumerate(vocabs["attributes"])}
     obj_sets = [C.label_ids(o, obj_index) for o in data["fit_objects"]]
     attr_sets = [C.label_ids(a, attr_index) for a in data["fit_attributes"]]
-    device = cc.get("device", "auto")
+    device = cc.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    fit_kw = dict(epochs=int(cc["epochs"]), lr=float(cc["lr"]), weight_decay=float(cc["weight_decay"]),
-                  batch_size=int(cc["batch_size"]), seed=int(cc["seed"]), device=device)
+    fit_kw = dict(epochs=cc.epochs, lr=cc.lr, weight_decay=cc.weight_decay, batch_size=cc.batch_size,
+                  seed=cc.seed, device=device)
     classifiers = {}
     for name, sets in (("objects", obj_sets), ("attributes", attr_sets)):
         try:
@@ -277,7 +282,7 @@ def label_concepts(cfg: dict, log=print) -> dict:
     np.savez(buf, **{f"{n}_{p}": getattr(c, p) for n, c in classifiers.items()
                      for p in ("weight", "bias", "mean", "scale")})
     write_bytes(fs, posixpath.join(out_root, "classifiers.npz"), buf.getvalue())
-    teacher = {k_: v for k_, v in cfg["teacher"].items() if v is not None}
+    teacher = {k_: v for k_, v in as_dict(cfg.teacher).items() if v is not None}
     for f in ("checkpoint", "model_config"):  # names only: the paths are machine-specific
         if teacher.get(f):
             teacher[f] = os.path.basename(str(teacher[f]))
@@ -289,17 +294,17 @@ def label_concepts(cfg: dict, log=print) -> dict:
         "attribute_counts": [attr_counts[n] for n in vocabs["attributes"]],
         "top_k": k,
         "teacher": teacher,
-        "vocab": cfg["vocab"],
+        "vocab": as_dict(cfg.vocab),
         "classifier": {"objects": classifiers["objects"].info,
                        "attributes": classifiers["attributes"].info,
                        "kind": "softmax linear, soft cross-entropy vs normalised multi-hot labels",
-                       **{k_: v for k_, v in cc.items()}},
+                       **as_dict(cc)},
         "samples": {"total": n_rows, "embedded": n_ok, "errors": sample_errors,
                     "fit_fraction": fraction, "fit_subsample": int(len(x)),
                     "fit_with_objects": sum(1 for s in obj_sets if s),
                     "fit_with_attributes": sum(1 for s in attr_sets if s)},
         "shards": {"count": len(urls), "errors": shard_errors},
-        "input": cfg["input"],
+        "input": cfg.input,
         "timing_s": {"parse_and_fit_sample": round(t_embed - started, 2),
                      "vocab_and_fit": round(t_fit - t_embed, 2),
                      "embed_predict_write": round(time.time() - t_fit, 2),
@@ -313,11 +318,8 @@ def label_concepts(cfg: dict, log=print) -> dict:
 
 
 def main(argv=None) -> int:
-    cfg = parse_cli(argv, DEFAULT_CONFIG, __doc__.splitlines()[0])
-    from training.concept_settings import parse_label_config
-
-    try:
-        parse_label_config(cfg)  # every key present and of its type, before any work
+    try:  # the typed view, parsed once before any work
+        cfg = parse_label_config(parse_cli(argv, DEFAULT_CONFIG, __doc__.splitlines()[0]))
     except ConfigError as exc:
         user_error(exc)
     try:

@@ -1,7 +1,9 @@
 """Typed view of the concept-labelling config (configs/concepts/label_concepts.yaml).
 
 The dataclasses declare names and types only: the defaults live in the YAML. Parse the merged
-config once with :func:`parse_label_config` at the job's entry.
+config once with :func:`parse_label_config` at the job's entry. :func:`teacher_settings` is
+``training.concepts.load_teacher``'s door: a view as it is, or a plain ``teacher`` mapping merged
+strictly over the YAML's ``teacher`` section and parsed.
 """
 
 from __future__ import annotations
@@ -9,14 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
-from curation.common.config import typed_view
+from curation.common.config import CONFIG_DIR, deep_merge, load_yaml, typed_view
+from curation.common.jobs import RayConfig
 
-
-@dataclass(frozen=True)
-class RaySettings:
-    address: str | None
-    num_cpus: int | None
-    dashboard: bool
+DEFAULTS_FILE = CONFIG_DIR / "concepts" / "label_concepts.yaml"
 
 
 @dataclass(frozen=True)
@@ -100,7 +98,7 @@ class LabelConceptsConfig:
     output: str | None
     progress: bool
     storage_options: dict
-    ray: RaySettings
+    ray: RayConfig
     vocab: VocabSettings
     top_k: int
     teacher: TeacherSettings
@@ -112,3 +110,13 @@ class LabelConceptsConfig:
 def parse_label_config(cfg: Mapping) -> LabelConceptsConfig:
     """The merged labelling config as a :class:`LabelConceptsConfig` (ConfigError naming the key)."""
     return typed_view(LabelConceptsConfig, cfg)
+
+
+def teacher_settings(section: TeacherSettings | Mapping) -> TeacherSettings:
+    """``section`` as :class:`TeacherSettings`: a view as it is; a mapping merged over the ``teacher``
+    section of configs/concepts/label_concepts.yaml (unknown keys, wrong types and choices are
+    :class:`~curation.common.config.ConfigError` naming ``teacher.<key>``), then parsed."""
+    if isinstance(section, TeacherSettings):
+        return section
+    defaults = load_yaml(DEFAULTS_FILE)["teacher"]
+    return typed_view(TeacherSettings, deep_merge(defaults, section, _prefix="teacher."), "teacher")

@@ -28,14 +28,16 @@ import io
 import os
 import posixpath
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from curation.common.nlp import ATTRIBUTE_DEPS, is_object, subjects
+from curation.common.config import ConfigError
 from curation.images import IMAGE_EXTENSIONS, decode_rgb
+from training.concept_settings import TeacherSettings, teacher_settings
 
 # spaCy components the concept parser reads: POS, dependencies and lemmas.
 CONCEPT_COMPONENTS = ("tok2vec", "tagger", "attribute_ruler", "parser", "lemmatizer")
@@ -407,8 +409,10 @@ def trainer_checkpoint_arch(path) -> tuple[str, str] | None:
     return file, open_clip_arch(file)
 
 
-def load_teacher(cfg: dict, device: str = "cpu") -> Teacher:
-    """Load the frozen teacher described by the ``teacher`` config section.
+def load_teacher(cfg: TeacherSettings | Mapping, device: str = "cpu") -> Teacher:
+    """Load the frozen teacher described by the ``teacher`` config section (a view, or a mapping
+    merged over configs/concepts/label_concepts.yaml's, see
+    :func:`training.concept_settings.teacher_settings`; a wrong key or value is a TeacherError).
 
     * ``kind: open_clip``: ``arch`` (an open_clip model name, or one defined by the JSON
       ``model_config`` file/folder registered with ``open_clip.add_model_config``) and
@@ -432,23 +436,25 @@ def load_teacher(cfg: dict, device: str = "cpu") -> Teacher:
     """
     import torch
 
-    kind = cfg.get("kind", "open_clip")
-    trained = trainer_checkpoint_arch(cfg.get("checkpoint")) if kind == "open_clip" else None
+    try:
+        cfg = teacher_settings(cfg)
+    except ConfigError as exc:
+        raise TeacherError(str(exc)) from None
+    kind = cfg.kind
+    trained = trainer_checkpoint_arch(cfg.checkpoint) if kind == "open_clip" else None
     if trained is not None:  # this trainer's checkpoint: its meta.json names the architecture
-        cfg = {**cfg, "checkpoint": trained[0], "arch": trained[1]}
-    ckpt = _require_file(cfg.get("checkpoint"), "checkpoint")
-    precision = cfg.get("precision") or "fp32"
+        cfg = replace(cfg, checkpoint=trained[0], arch=trained[1])
+    ckpt = _require_file(cfg.checkpoint, "checkpoint")
+    precision = cfg.precision
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if precision not in dtypes:
-        raise TeacherError(f"teacher.precision must be one of {sorted(dtypes)}, not {precision!r}")
     if kind == "open_clip":
         import open_clip
 
-        arch = cfg.get("arch")
+        arch = cfg.arch
         if not arch or str(arch).startswith("hf-hub:"):
             raise TeacherError(f"teacher.arch must name a local open_clip architecture, not {arch!r}")
-        if cfg.get("model_config"):
-            mc = os.path.expanduser(str(cfg["model_config"]))
+        if cfg.model_config:
+            mc = os.path.expanduser(cfg.model_config)
             if not os.path.exists(mc):
                 raise TeacherError(f"teacher.model_config does not exist: {mc}")
             open_clip.add_model_config(mc)
@@ -466,7 +472,7 @@ def load_teacher(cfg: dict, device: str = "cpu") -> Teacher:
     elif kind == "timm":
         import timm
 
-        name = cfg.get("name")
+        name = cfg.name
         if not name or str(name).startswith("hf-hub:"):
             raise TeacherError(f"teacher.name must name a timm model, not {name!r}")
         model = timm.create_model(name, pretrained=False, num_classes=0)
@@ -486,7 +492,7 @@ def load_teacher(cfg: dict, device: str = "cpu") -> Teacher:
         model = model.to(device, dtypes[precision])
         desc = {"kind": kind, "name": name, "checkpoint": os.path.basename(ckpt)}
     elif kind == "torchvision":
-        name = cfg.get("name")
+        name = cfg.name
         if not name:
             raise TeacherError("teacher.name must name a torchvision classification model (e.g. vit_h_14)")
         try:
@@ -496,7 +502,7 @@ def load_teacher(cfg: dict, device: str = "cpu") -> Teacher:
         model, preprocess, head = torchvision_teacher(name, sd, ckpt)
         model = model.to(device, dtypes[precision])
         desc = {"kind": kind, "name": name, "checkpoint": os.path.basename(ckpt), "dropped_head": head}
-    else:
+    else:  # unreachable: the view admits these three kinds only
         raise TeacherError(f"teacher.kind must be open_clip, timm or torchvision, not {kind!r}")
     model.eval()
     for p in model.parameters():
@@ -580,7 +586,7 @@ class ConceptParseStage:
 class TeacherEmbedStage:
     """Replaces ``image`` by the teacher's ``features`` (list<float32>, null on error)."""
 
-    def __init__(self, teacher_cfg: dict, device: str | None = None, batch_size: int = 64):
+    def __init__(self, teacher_cfg: TeacherSettings | Mapping, device: str | None = None, batch_size: int = 64):
         import torch
 
         if device is None:
@@ -775,7 +781,8 @@ class ConceptCountSampleStage:
 class TeacherEmbedStageWithStorage(TeacherEmbedStage):
     """:class:`TeacherEmbedStage` in a process that first applies ``storage``."""
 
-    def __init__(self, teacher_cfg: dict, device: str | None = None, batch_size: int = 64, storage=None):
+    def __init__(self, teacher_cfg: TeacherSettings | Mapping, device: str | None = None, batch_size: int = 64,
+                 storage=None):
         _apply_storage(storage)
         super().__init__(teacher_cfg, device, batch_size)
 
@@ -803,7 +810,7 @@ class LabelShardStage:
     vocabularies' top-k and write ``<out_url>/<shard>.parquet`` (:data:`OUTPUT_SCHEMA`, one row
     per sample, sorted by key). Returns :data:`SHARD_SUMMARY_SCHEMA` rows."""
 
-    def __init__(self, teacher_cfg: dict, objects: dict, attributes: dict, k: int, out_url: str,
+    def __init__(self, teacher_cfg: TeacherSettings | Mapping, objects: dict, attributes: dict, k: int, out_url: str,
                  device: str | None = None, batch_size: int = 64, rows_per_block: int = 256,
                  storage=None):
         _apply_storage(storage)
