@@ -13,7 +13,7 @@ from PIL import Image
 
 from training.eval_data import digits_dataset, digits_split_indices, load_eval_dataset, wds_dataset
 from training.evaluate import (classification_metrics, evaluate_dataset, format_results,
-                               preprocess_size, retrieval_metrics, with_ensembles)
+                               preprocess_size, retrieval_metrics, run_evaluation, with_ensembles)
 
 ENSEMBLE_WEIGHTS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
@@ -314,3 +314,22 @@ def test_a_wrong_eval_config_value_is_one_line_naming_the_key(capsys):
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err]
     assert err.startswith("error: eval.device must be one of 'auto', 'cpu', 'cuda'"), err
+
+
+def test_the_eval_yaml_is_one_typed_view_and_a_plain_section_is_parsed_over_it():
+    """configs/eval/default.yaml parses as EvalJobConfig; the plain ``eval`` section the training
+    loop hands over (or a few keys) is merged over the YAML's and parsed once: a wrong value is a
+    ConfigError naming the dotted key, before any dataset is read."""
+    from curation.common.config import ConfigError, as_dict, load_yaml
+    from training.eval_settings import DEFAULTS_FILE, EvalConfig, eval_config, parse_eval_job_config
+
+    raw = load_yaml(DEFAULTS_FILE)
+    job = parse_eval_job_config(raw)
+    assert isinstance(job.eval, EvalConfig) and as_dict(job) == raw
+    assert eval_config() == job.eval and eval_config(job.eval) is job.eval
+    view = eval_config({"datasets": ["digits"], "fewshot": {"shots": [1]}})
+    assert view.datasets == ("digits",) and view.fewshot.shots == (1,) and view.fewshot.seeds == job.eval.fewshot.seeds
+    with pytest.raises(ConfigError, match=r"^eval\.fewshot\.steps must be an integer"):
+        eval_config({"fewshot": {"steps": "many"}})
+    with pytest.raises(ConfigError, match=r"unknown config key 'eval\.fewshot\.shot'"):
+        run_evaluation(FakeEmbedder(), {"fewshot": {"shot": [1]}}, image_size=32, log=lambda *_: None)
