@@ -87,7 +87,7 @@ def main(argv=None) -> int:
 
     pairs = textspot_data.generate(args.pairs, seed=0, size=(320, 240))  # as the labelled-set test
     truth = np.array([p.must_drop for p in pairs])
-    cfg = TextSpottingConfig()
+    cfg = TextSpottingConfig.defaults()
     print(f"labelled set: {len(pairs)} pairs (320x240), {int(truth.sum())} must be dropped; "
           f"{args.threads} threads; measure {cfg.measure} >= {cfg.threshold}")
     base = None

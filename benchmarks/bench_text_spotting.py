@@ -244,8 +244,10 @@ def bench_stage(images: list[bytes], cfg: dict, cpus: int) -> tuple[dict, dict]:
 
     from bench_caption_filters import timed_actor_pass
     from curation.pipeline import TextSpottingStage, ocr_rows_per_call
+    from curation.settings import curation_config
 
     ts, os_ = cfg["filters"]["text_spotting"], cfg["stages"]["ocr"]
+    rows_per_call = ocr_rows_per_call(curation_config(cfg).stages.ocr)
     set_torch_threads(cpus)
     tcfg = TextSpottingConfig.from_config(ts)
     backend = tcfg.make_backend(batch_size=os_["ocr_batch_size"], threads=cpus)
@@ -259,10 +261,10 @@ def bench_stage(images: list[bytes], cfg: dict, cpus: int) -> tuple[dict, dict]:
             TextSpottingStage,
             fn_constructor_kwargs={"ts_cfg": ts, "max_pixels": cfg["ingest"]["max_image_pixels"], "gpu": False,
                                    "torch_threads": 1, "ocr_batch_size": os_["ocr_batch_size"]},
-            batch_size=ocr_rows_per_call(os_), batch_format="pyarrow",
+            batch_size=rows_per_call, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=cpus), num_cpus=1)
 
-    r = timed_actor_pass(stage, image_blocks(images[:cpus], 1), image_blocks(images, ocr_rows_per_call(os_)), cpus)
+    r = timed_actor_pass(stage, image_blocks(images[:cpus], 1), image_blocks(images, rows_per_call), cpus)
     out = r.pop("out").sort_by("key")
     texts = [s.split("\n") if s else [] for s in out["ocr_text"].to_pylist()]
     return {"rate": len(images) / raw_s, "seconds": raw_s, "texts": raw}, {**r, "rate": len(images) / r["seconds"],
