@@ -329,26 +329,24 @@ class ProjectTrainer:
     def __init__(self, cfg: dict, device, seed: int = 0):
         import torch
 
-        from training.loop import TrainModule, TrainStep, resolve_precision
+        from training.loop import TrainModule, TrainStep, resolve_precision, warmup_steps
         from training.optim import build_optimizer, build_scheduler
         from training.recipes import get_recipe
 
-        tcfg = cfg["train"]
-        total = int(tcfg["max_steps"])
         torch.manual_seed(seed)
         self.recipe = get_recipe(cfg)
+        tcfg = self.recipe.cfg.train  # the typed view (training/settings.py)
+        total = tcfg.max_steps
         model = self.recipe.build_model()
         self.module = TrainModule(model, self.recipe.build_loss(model)).to(device)
         self.net = self.module
         self.optimizer = build_optimizer(self.module, tcfg)
-        warmup = int(tcfg["warmup_steps"]) if tcfg.get("warmup_steps") is not None else max(1, total // 20)
-        self.scheduler = build_scheduler(self.optimizer, min(warmup, total), total,
-                                         float(tcfg.get("min_lr_ratio", 0.0)))
-        self.amp_dtype = resolve_precision(tcfg["precision"], device)
+        self.scheduler = build_scheduler(self.optimizer, warmup_steps(tcfg, total), total, tcfg.min_lr_ratio)
+        self.amp_dtype = resolve_precision(tcfg.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.device = device
         self.train_step = TrainStep(self.net, self.module, self.optimizer, self.scheduler, self.scaler,
-                                    device, self.amp_dtype, tcfg.get("grad_clip_norm"))
+                                    device, self.amp_dtype, tcfg.grad_clip_norm)
         self.net.train()
 
     def step(self, batch: dict) -> dict:
@@ -429,25 +427,26 @@ def time_open_clip_train(cfg: dict, batches: list, warmup: int, device, seed: in
     from open_clip_train.train import train_one_epoch
 
     from training.model import create_clip
+    from training.settings import train_config
 
-    tcfg = cfg["train"]
+    view = train_config(cfg)
+    tcfg = view.train
     torch.manual_seed(seed)
-    model = create_clip(cfg["model"]["arch"], output_dict=True).to(device)  # as open_clip_train.main
+    model = create_clip(view.model.arch, output_dict=True).to(device)  # as open_clip_train.main
     exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
     named = list(model.named_parameters())
     gain_or_bias = [p for n, p in named if exclude(n, p) and p.requires_grad]
     rest = [p for n, p in named if not exclude(n, p) and p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": gain_or_bias, "weight_decay": 0.0},
-                                   {"params": rest, "weight_decay": float(tcfg["weight_decay"])}],
-                                  lr=float(tcfg["lr"]), betas=(float(tcfg["beta1"]), float(tcfg["beta2"])),
-                                  eps=float(tcfg["eps"]))
-    total = int(tcfg["max_steps"])
-    scheduler = cosine_lr(optimizer, float(tcfg["lr"]), int(tcfg["warmup_steps"]), total)
-    precision = {"bf16": "amp_bf16", "fp16": "amp", "fp32": "fp32"}[tcfg["precision"]]
+                                   {"params": rest, "weight_decay": tcfg.weight_decay}],
+                                  lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps)
+    total = tcfg.max_steps
+    scheduler = cosine_lr(optimizer, tcfg.lr, tcfg.warmup_steps, total)
+    precision = {"bf16": "amp_bf16", "fp16": "amp", "fp32": "fp32"}[tcfg.precision]
     scaler = torch.amp.GradScaler(device.type) if precision == "amp" else None
     args = types.SimpleNamespace(
         device=str(device), precision=precision, distill=False, accum_freq=1, skip_scheduler=False,
-        horovod=False, grad_clip_norm=tcfg.get("grad_clip_norm"), log_every_n_steps=10**9,
+        horovod=False, grad_clip_norm=tcfg.grad_clip_norm, log_every_n_steps=10**9,
         world_size=1, rank=0, local_rank=0, batch_size=int(batches[0]["image"].shape[0]), wandb=False)
     loss = open_clip.ClipLoss()
     pairs = [(b["image"], b["text"]) for b in batches]

@@ -199,10 +199,11 @@ def test_training_reader_tags_rows_with_their_tar(ray_session, curated):
         return {"key": batch["__key__"], "shard": np.array(shards, dtype=object)}
 
     folder, samples, _ = curated
-    ds = build_dataset({"train": str(folder), "map_batch_size": 16, "num_cpus": 0.5}, tar_of_each_row)
+    ds = build_dataset({"train": str(folder), "map_batch_size": 16, "num_cpus": 0.5,
+                        "op_resource_reservation": True}, tar_of_each_row)
     got = {r["key"]: r["shard"] for r in ds.take_all()}
     assert got == {s["key"]: s["shard"] for s in samples}
-    assert ds.context.op_resource_reservation_enabled  # Ray Data's default unless the config says
+    assert ds.context.op_resource_reservation_enabled  # Ray Data's default, kept when the config says so
     off = build_dataset({"train": str(folder), "map_batch_size": 16, "num_cpus": 0.5,
                          "op_resource_reservation": False}, tar_of_each_row)
     assert not off.context.op_resource_reservation_enabled

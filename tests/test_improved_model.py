@@ -218,7 +218,7 @@ def test_embedder_returns_weak_and_strong_and_restores_mode(clip):
 
 
 def test_config_errors(clip):
-    with pytest.raises(ValueError, match="unknown improved-CLIP model keys"):
+    with pytest.raises(ValueError, match="unknown config key .model.improved.proj_dims."):
         ImprovedCLIP(clip, {"proj_dims": 128})
     with pytest.raises(ValueError, match="text_residual_dropout"):
         ImprovedCLIP(clip, {"text_residual_dropout": 1.0})

@@ -5,6 +5,7 @@ failure-injection hooks. tests/test_train_ray.py runs them together on Ray Train
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -106,7 +107,6 @@ def test_eval_schedule():
 
 def test_checkpoint_reporter_saves_reports_marks_and_resumes(tmp_path):
     module, opt, sched, scaler = _parts()
-    cfg = {"recipe": "clip", "model": {"arch": "toy"}, "train": {"checkpoint_every_steps": 4}}
     calls = []
 
     def report_fn(metrics, checkpoint=None, checkpoint_dir_name=None):
@@ -119,8 +119,8 @@ def test_checkpoint_reporter_saves_reports_marks_and_resumes(tmp_path):
 
     from pathlib import Path
 
-    rep = CheckpointReporter(module=module, optimizer=opt, scheduler=sched, scaler=scaler, cfg=cfg,
-                             total_steps=10, is_main=True, run_url=str(tmp_path / "run"),
+    rep = CheckpointReporter(module=module, optimizer=opt, scheduler=sched, scaler=scaler, arch="toy",
+                             recipe="clip", every=4, total_steps=10, is_main=True, run_url=str(tmp_path / "run"),
                              report_fn=report_fn, checkpoint_fn=Path)
     assert [s for s in range(1, 11) if rep.due(s)] == [4, 8]
     rep.report({"step": 3}, step=3, epoch=0, epoch_step=3, with_checkpoint=False)
@@ -144,7 +144,7 @@ def test_checkpoint_reporter_other_ranks_report_without_a_folder(tmp_path):
     module, opt, sched, scaler = _parts()
     calls = []
     rep = CheckpointReporter(module=module, optimizer=opt, scheduler=sched, scaler=scaler,
-                             cfg={"model": {"arch": "toy"}, "train": {}}, total_steps=10, is_main=False,
+                             arch="toy", recipe="clip", every=0, total_steps=10, is_main=False,
                              run_url=str(tmp_path / "run"), checkpoint_fn=lambda d: d,
                              report_fn=lambda m, **kw: calls.append((m, kw)))
     assert not rep.due(4)  # checkpoint_every_steps unset: only at the end
@@ -184,6 +184,7 @@ def test_build_objective_is_keyed_by_the_recipe():
     """One factory picks the main objective for every recipe; ``Recipe.build_loss`` is it."""
     from training import objective
     from training.recipes import ClipLossModule, get_recipe
+    from training.settings import train_config
     from training.train import build_train_config
 
     cfg = build_train_config(None, ["model.arch=micro-vit-32"])
@@ -194,4 +195,4 @@ def test_build_objective_is_keyed_by_the_recipe():
     for name in ("clip", "diht", "improved"):  # every recipe class inherits build_loss
         assert "build_loss" not in vars(type(get_recipe({**cfg, "recipe": name}))), name
     with pytest.raises(ValueError, match="no objective for recipe 'nope'"):
-        objective.build_objective({**cfg, "recipe": "nope"}, None)
+        objective.build_objective(replace(train_config(cfg), recipe="nope"), None)

@@ -311,7 +311,7 @@ def load_trained_model(directory: str | Path, device="cpu"):
     ``meta.json`` (its training config) with the weights of ``train_state.pt``; e.g.
     ``recipe.embedder(model)`` is what the trainer evaluated. Raises ``ValueError`` for folders
     without a training config (older checkpoints: use ``open_clip.pt``)."""
-    import copy
+    from dataclasses import replace
 
     from training.recipes import get_recipe
 
@@ -320,13 +320,15 @@ def load_trained_model(directory: str | Path, device="cpu"):
     if not cfg:
         raise ValueError(f"{directory}: meta.json has no training config (a checkpoint from an older "
                          "version); evaluate its open_clip.pt")
-    cfg = copy.deepcopy(cfg)
-    cfg.setdefault("model", {})["init_checkpoint"] = None  # the weights come from train_state.pt
-    cfg["model"]["sync_bn"] = False
     from training.model import register_model_configs
+    from training.settings import plain_config, train_config
 
+    view = train_config(plain_config(cfg))  # recorded before a key was added: the defaults fill it
+    model_cfg = replace(view.model, init_checkpoint=None)  # the weights come from train_state.pt
+    if hasattr(model_cfg, "sync_bn"):
+        model_cfg = replace(model_cfg, sync_bn=False)
     register_model_configs()
-    recipe = get_recipe(cfg)
+    recipe = get_recipe(replace(view, model=model_cfg))
     model = recipe.build_model()
     state = safe_torch_load(join(directory, STATE_FILE))["module"]
     own = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}

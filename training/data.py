@@ -273,11 +273,12 @@ class WithStorage:
         return self.fn(batch)
 
 
-def build_dataset(data_cfg: dict, transform: Callable, *, shuffle_files: bool = True,
+def build_dataset(data_cfg, transform: Callable, *, shuffle_files: bool = True,
                   storage=None, seed: int = 0):
-    """Ray Dataset of transformed samples for the shards named by ``data_cfg["train"]``.
+    """Ray Dataset of transformed samples for the shards named by ``data.train``.
 
-    With ``data_cfg["deterministic"]`` (the default) every epoch reads the shards in one seeded
+    ``data_cfg``: the ``data`` section (:class:`training.settings.DataConfig`; a partial mapping
+    is merged over ``configs/train/clip.yaml``'s). With ``data.deterministic`` (the default) every epoch reads the shards in one seeded
     order and Ray Data preserves the row order, so the rows each training worker receives are a
     function of the seed alone: a run resumed mid-epoch replays the interrupted epoch's order and
     skips what it had already trained on (the per-epoch variety then comes from the seeded local
@@ -285,8 +286,11 @@ def build_dataset(data_cfg: dict, transform: Callable, *, shuffle_files: bool = 
     import ray
     from ray.data import FileShuffleConfig
 
-    paths, filesystem = resolve_shards(data_cfg["train"], storage)
-    deterministic = bool(data_cfg.get("deterministic", True))
+    from training.settings import DataConfig, section_view
+
+    data_cfg = section_view(DataConfig, "clip", "data", data_cfg)
+    paths, filesystem = resolve_shards(data_cfg.train, storage)
+    deterministic = data_cfg.deterministic
     if not shuffle_files:
         shuffle = None
     elif deterministic:
@@ -298,22 +302,21 @@ def build_dataset(data_cfg: dict, transform: Callable, *, shuffle_files: bool = 
     ds = ray.data.read_webdataset(paths, filesystem=filesystem, decoder=None,
                                   include_paths=True,  # ``path``: each row's tar, for per-shard side data
                                   shuffle=shuffle,
-                                  override_num_blocks=data_cfg.get("read_blocks") or len(paths),
+                                  override_num_blocks=data_cfg.read_blocks or len(paths),
                                   # Ray Data's default is 1 CPU per read task: on nodes whose
                                   # CPUs are partly held by training workers it would never run
-                                  num_cpus=float(data_cfg["num_cpus"]))
+                                  num_cpus=data_cfg.num_cpus)
     if deterministic:
         ds.context.execution_options.preserve_order = True
-    if not data_cfg.get("op_resource_reservation", True):
+    if not data_cfg.op_resource_reservation:
         # Ray Data reserves a share of the CPUs for each operator; the light read operator's
         # share then idles while the transform waits (on 2 CPUs the path ran at half speed).
         # Only this dataset's context changes.
         ds.context.op_resource_reservation_enabled = False
     if storage is not None:  # the transform may read side data (concept labels) from the bucket
         transform = WithStorage(transform, storage)
-    return ds.map_batches(transform, batch_size=int(data_cfg["map_batch_size"]),
-                          batch_format="numpy", num_cpus=float(data_cfg["num_cpus"]),
-                          concurrency=data_cfg.get("concurrency"), zero_copy_batch=True)
+    return ds.map_batches(transform, batch_size=data_cfg.map_batch_size, batch_format="numpy",
+                          num_cpus=data_cfg.num_cpus, concurrency=data_cfg.concurrency, zero_copy_batch=True)
 
 
 def collate(batch: dict) -> dict:

@@ -46,19 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["IMPROVED_DEFAULTS", "ImprovedCLIP", "ImprovedEmbedder", "StrongProjector",
+__all__ = ["ImprovedCLIP", "ImprovedEmbedder", "StrongProjector",
            "find_resblocks", "should_sync_batchnorm", "to_sync_batchnorm"]
 
-IMPROVED_DEFAULTS = {
-    "proj_dim": 256,
-    "weak_temperature": 0.07,
-    "strong_temperature": 0.1,
-    "mlp_hidden_dim": 4096,
-    "mlp_layers": 3,
-    "text_residual_dropout": 0.0,
-    "drop_path": 0.0,
-    "max_logit_scale": 100.0,
-}
 
 
 class StrongProjector(nn.Sequential):
@@ -104,18 +94,16 @@ def _drop_path(residual: torch.Tensor, p: float, batch_dim: int) -> torch.Tensor
 class ImprovedCLIP(nn.Module):
     """open_clip towers + separate weak (linear) and strong (MLP) projectors (module docstring).
 
-    ``clip``: an open_clip model (``CLIP`` or ``CustomTextCLIP``); ``cfg``: keys of
-    :data:`IMPROVED_DEFAULTS` (unknown keys are errors).
+    ``clip``: an open_clip model (``CLIP`` or ``CustomTextCLIP``); ``cfg``: the typed
+    ``model.improved`` section (:class:`training.settings.ImprovedProjectors`), or a partial
+    mapping merged over ``configs/train/improved.yaml``'s (unknown keys are errors).
     """
 
     def __init__(self, clip: nn.Module, cfg: Mapping | None = None, arch: str | None = None):
         super().__init__()
-        cfg = dict(cfg or {})
-        unknown = set(cfg) - set(IMPROVED_DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown improved-CLIP model keys {sorted(unknown)}; "
-                             f"known: {sorted(IMPROVED_DEFAULTS)}")
-        self.cfg = {**IMPROVED_DEFAULTS, **cfg}
+        from training.settings import ImprovedProjectors, section_view
+
+        self.cfg = cfg = section_view(ImprovedProjectors, "improved", "model.improved", cfg)
         self.clip = clip
         self.arch = arch
         for name in ("logit_scale", "logit_bias"):  # unused: the projectors have their own
@@ -124,24 +112,23 @@ class ImprovedCLIP(nn.Module):
                 param.requires_grad_(False)
 
         embed_dim = self._tower_dim()
-        proj, hidden, layers = (int(self.cfg["proj_dim"]), int(self.cfg["mlp_hidden_dim"]),
-                                int(self.cfg["mlp_layers"]))
+        proj, hidden, layers = cfg.proj_dim, cfg.mlp_hidden_dim, cfg.mlp_layers
         self.pooled_dim = embed_dim
         self.image_proj = nn.Linear(embed_dim, proj, bias=False)
         self.text_proj = nn.Linear(embed_dim, proj, bias=False)
         self.image_proj_strong = StrongProjector(embed_dim, hidden, proj, layers)
         self.text_proj_strong = StrongProjector(embed_dim, hidden, proj, layers)
         for t in ("weak_temperature", "strong_temperature"):
-            if not float(self.cfg[t]) > 0:
-                raise ValueError(f"{t} must be > 0, got {self.cfg[t]}")
+            if not getattr(cfg, t) > 0:
+                raise ValueError(f"{t} must be > 0, got {getattr(cfg, t)}")
         self.log_scale = nn.Parameter(
-            torch.tensor(math.log(1 / float(self.cfg["weak_temperature"]))))
+            torch.tensor(math.log(1 / cfg.weak_temperature)))
         self.log_scale_strong = nn.Parameter(
-            torch.tensor(math.log(1 / float(self.cfg["strong_temperature"]))))
-        self.max_logit_scale = float(self.cfg["max_logit_scale"])
+            torch.tensor(math.log(1 / cfg.strong_temperature)))
+        self.max_logit_scale = cfg.max_logit_scale
 
-        self.text_residual_dropout = float(self.cfg["text_residual_dropout"])
-        self.drop_path = float(self.cfg["drop_path"])
+        self.text_residual_dropout = cfg.text_residual_dropout
+        self.drop_path = cfg.drop_path
         for name, p in (("text_residual_dropout", self.text_residual_dropout),
                         ("drop_path", self.drop_path)):
             if not 0.0 <= p < 1.0:
@@ -324,7 +311,7 @@ class ImprovedCLIP(nn.Module):
             state.update(text_fold)
             if "logit_scale" in state:
                 state["logit_scale"] = self.log_scale.detach().cpu().clamp(max=math.log(self.max_logit_scale)).clone()
-            cfg["embed_dim"] = int(self.cfg["proj_dim"])
+            cfg["embed_dim"] = self.cfg.proj_dim
             name = f"{self.arch}-clip-rocket-weak"
             holds = ("the open_clip towers with the weak linear projector folded into their output "
                      f"projections (embed_dim {cfg['embed_dim']}) and the weak logit scale: open_clip "

@@ -15,6 +15,7 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 
 from training.checkpoint import (checkpoint_dir_name, fetch_dir, load_train_state, mark_complete,
                                  newest_complete, read_meta, save_checkpoint, unwrap)
+from training.settings import DebugConfig, TrainConfig, TrainSection, section_view, train_config
 
 
 class TrainModule(nn.Module):
@@ -163,16 +165,17 @@ class DebugHooks:
     local ``log_dir``).
     """
 
-    def __init__(self, dcfg: dict, rank: int, log_dir: str | None = None):
+    def __init__(self, dcfg: DebugConfig | Mapping, rank: int, log_dir: str | None = None):
         from curation.common.storage import is_remote
 
-        self.dir = dcfg.get("dir") or (log_dir if log_dir and not is_remote(log_dir) else None)
+        dcfg = section_view(DebugConfig, "clip", "debug", dcfg)  # a partial mapping: over the YAML's
+        self.dir = dcfg.dir or (log_dir if log_dir and not is_remote(log_dir) else None)
         self.rank = rank
-        self.log_keys = bool(dcfg.get("log_keys")) and bool(dcfg.get("dir"))
-        self.pause_at = dcfg.get("pause_at_step")
-        self.fail_at = dcfg.get("fail_at_step") if rank == 0 else None
-        self.pause_s = float(dcfg.get("pause_s") or 120)
-        if dcfg.get("dir"):
+        self.log_keys = dcfg.log_keys and bool(dcfg.dir)
+        self.pause_at = dcfg.pause_at_step
+        self.fail_at = dcfg.fail_at_step if rank == 0 else None
+        self.pause_s = dcfg.pause_s
+        if dcfg.dir:
             Path(self.dir).mkdir(parents=True, exist_ok=True)
             (Path(self.dir) / f"worker-{rank}.pid").write_text(str(os.getpid()))
 
@@ -380,13 +383,14 @@ class CheckpointReporter:
     ``report_fn`` / ``checkpoint_fn`` are ``ray.train.report`` / ``ray.train.Checkpoint.from_directory``
     (replaceable in tests)."""
 
-    def __init__(self, *, module: TrainModule, optimizer, scheduler, scaler, cfg: dict, total_steps: int,
-                 is_main: bool, run_url: str | None, storage=None, logger: MetricsLogger | None = None,
-                 last_saved: int = -1, report_fn=None, checkpoint_fn=None):
+    def __init__(self, *, module: TrainModule, optimizer, scheduler, scaler, arch: str, recipe: str,
+                 every: int, total_steps: int, is_main: bool, run_url: str | None, storage=None,
+                 logger: MetricsLogger | None = None, last_saved: int = -1, report_fn=None,
+                 checkpoint_fn=None):
         self.module, self.optimizer, self.scheduler, self.scaler = module, optimizer, scheduler, scaler
-        self.cfg, self.total_steps, self.is_main = cfg, total_steps, is_main
+        self.arch, self.recipe, self.total_steps, self.is_main = arch, recipe, total_steps, is_main
         self.run_url, self.storage, self.logger = run_url, storage, logger
-        self.every = int(cfg["train"].get("checkpoint_every_steps") or 0)
+        self.every = every  # train.checkpoint_every_steps (0: only at the end)
         self.last_saved = last_saved
         if report_fn is None or checkpoint_fn is None:
             import ray.train
@@ -408,7 +412,7 @@ class CheckpointReporter:
         with tempfile.TemporaryDirectory() as tmp:
             if self.is_main:
                 save_checkpoint(tmp, module=self.module, clip=getattr(self.module.model, "clip", None),
-                                arch=self.cfg["model"]["arch"], recipe=self.cfg.get("recipe", "clip"),
+                                arch=self.arch, recipe=self.recipe,
                                 step=step, epoch=epoch, optimizer=self.optimizer, scheduler=self.scheduler,
                                 scaler=self.scaler,
                                 extra={"epoch_step": epoch_step, "total_steps": self.total_steps})
@@ -482,21 +486,21 @@ def worker_node_ids(world: int) -> list:
     return nodes
 
 
-def wrap_for_training(module: nn.Module, world: int, device: torch.device, cfg: dict) -> nn.Module:
+def wrap_for_training(module: nn.Module, world: int, device: torch.device, cfg: TrainConfig) -> nn.Module:
     """DDP with several workers, then ``torch.compile`` when ``model.compile``."""
     net = module
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=bool(cfg["train"].get("find_unused_parameters", False)))
-    if cfg["model"].get("compile"):
+            find_unused_parameters=cfg.train.find_unused_parameters)
+    if cfg.model.compile:
         net = torch.compile(net)
     return net
 
 
-def warmup_steps(tcfg: dict, total_steps: int) -> int:
+def warmup_steps(tcfg: TrainSection, total_steps: int) -> int:
     """``train.warmup_steps`` (null: 5% of the steps, at least 1), at most ``total_steps``."""
-    warmup = int(tcfg["warmup_steps"]) if tcfg.get("warmup_steps") is not None else max(1, total_steps // 20)
+    warmup = tcfg.warmup_steps if tcfg.warmup_steps is not None else max(1, total_steps // 20)
     return min(warmup, total_steps)
 
 
@@ -514,32 +518,32 @@ def train_loop_per_worker(config: dict) -> None:
     from training.optim import build_optimizer, build_scheduler
     from training.recipes import get_recipe
 
-    cfg, storage = config["cfg"], config.get("storage")
+    cfg, storage = train_config(config["cfg"]), config.get("storage")  # the driver's typed view
     if storage is not None:  # this process opens URLs (s3://) as the driver does
         storage.apply()
-    tcfg, mcfg, dcfg = cfg["train"], cfg["model"], cfg["data"]
+    tcfg, dcfg = cfg.train, cfg.data
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     is_main = rank == 0
     device = ray.train.torch.get_device()
     steps_per_epoch, total_steps = int(config["steps_per_epoch"]), int(config["total_steps"])
-    local_bs, accum = int(config["local_batch_size"]), int(tcfg["accum_steps"])
+    local_bs, accum = int(config["local_batch_size"]), tcfg.accum_steps
     global_bs = local_bs * accum * world
     log_dir, run_url = config.get("log_dir"), config.get("run_url")
 
     # model + loss (the recipe's), optimizer, schedule, precision
-    if tcfg.get("torch_threads"):
-        torch.set_num_threads(int(tcfg["torch_threads"]))  # Ray sets OMP threads = worker CPUs
-    torch.manual_seed(int(tcfg["seed"]))
+    if tcfg.torch_threads:
+        torch.set_num_threads(tcfg.torch_threads)  # Ray sets OMP threads = worker CPUs
+    torch.manual_seed(tcfg.seed)
     recipe = get_recipe(cfg)
     model = recipe.build_model()
-    if mcfg.get("grad_checkpointing"):
+    if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     module = TrainModule(model, recipe.build_loss(model)).to(device)
     optimizer = build_optimizer(module, tcfg)
     scheduler = build_scheduler(optimizer, warmup_steps(tcfg, total_steps), total_steps,
-                                float(tcfg.get("min_lr_ratio", 0.0)))
-    amp_dtype = resolve_precision(tcfg["precision"], device)
+                                tcfg.min_lr_ratio)
+    amp_dtype = resolve_precision(tcfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     # resume: the newest complete checkpoint of this run
@@ -550,28 +554,27 @@ def train_loop_per_worker(config: dict) -> None:
     net = wrap_for_training(module, world, device, cfg)
     worker_nodes = worker_node_ids(world)
     logger = MetricsLogger(log_dir, is_main, print_fn=worker_print, storage=storage)
-    debug = DebugHooks(cfg.get("debug") or {}, rank, log_dir)
+    debug = DebugHooks(cfg.debug, rank, log_dir)
     checkpoints = CheckpointReporter(module=module, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                     cfg=cfg, total_steps=total_steps, is_main=is_main, run_url=run_url,
+                                     arch=cfg.model.arch, recipe=cfg.recipe, every=tcfg.checkpoint_every_steps,
+                                     total_steps=total_steps, is_main=is_main, run_url=run_url,
                                      storage=storage, logger=logger, last_saved=step if resumed else -1)
-    evals = EvalSchedule(cfg.get("eval") or {})
-    train_step = TrainStep(net, module, optimizer, scheduler, scaler, device, amp_dtype,
-                           tcfg.get("grad_clip_norm"))
-    log_every = max(1, int(tcfg.get("log_every_steps") or 1))
+    evals = EvalSchedule(cfg.eval)
+    train_step = TrainStep(net, module, optimizer, scheduler, scaler, device, amp_dtype, tcfg.grad_clip_norm)
+    log_every = max(1, tcfg.log_every_steps)
     shard = ray.train.get_dataset_shard("train")
 
     net.train()
     window, last = LogWindow(), {}
     # resumed mid-epoch: replay the epoch's (deterministic, data.deterministic) order up to where
     # the checkpoint was taken, without training on it
-    skip = epoch_step * accum if (epoch_step and dcfg.get("deterministic", True)) else 0
+    skip = epoch_step * accum if (epoch_step and dcfg.deterministic) else 0
     while step < total_steps:
         budget = min(steps_per_epoch - epoch_step, total_steps - step)
         done_this_epoch = 0
         it = iter(iter_batches(shard, local_bs, collate_fn=recipe.collate,
-                               shuffle_buffer=dcfg.get("shuffle_buffer"),
-                               prefetch_batches=int(dcfg.get("prefetch_batches", 2)),
-                               seed=int(tcfg["seed"]) + epoch))
+                               shuffle_buffer=dcfg.shuffle_buffer, prefetch_batches=dcfg.prefetch_batches,
+                               seed=tcfg.seed + epoch))
         replay(it, skip if budget > 0 else 0, debug, step - epoch_step + 1, epoch, accum)
         skip = 0
         while done_this_epoch < budget:

@@ -2,7 +2,8 @@
 
 ``build_objective(cfg, model)`` returns the loss the training loop wraps with the model in
 :class:`training.loop.TrainModule`: ``loss(outputs, batch) -> {"loss": total, **named terms}``.
-It is keyed by ``cfg["recipe"]`` and configured by ``cfg["loss"]`` (as open_clip's
+It is keyed by ``cfg.recipe`` and configured by ``cfg.loss`` (the typed view of
+:mod:`training.settings`; as open_clip's
 ``create_loss`` is by its arguments):
 
 ========== ============================================================== =================================
@@ -25,20 +26,22 @@ from typing import Callable
 
 from torch import nn
 
+from training.settings import DiHTConfig, ImprovedConfig, TrainConfig
 
-def clip_objective(cfg: dict, model: nn.Module) -> Callable:
+
+def clip_objective(cfg: TrainConfig, model: nn.Module) -> Callable:
     from training.recipes import ClipLossModule
 
-    return ClipLossModule(cfg["loss"].get("label_smoothing", 0.0))
+    return ClipLossModule(cfg.loss.label_smoothing)
 
 
-def diht_objective(cfg: dict, model: nn.Module) -> nn.Module:
+def diht_objective(cfg: DiHTConfig, model: nn.Module) -> nn.Module:
     from training.recipe_diht import DiHTLoss, concepts_url, hnnce_settings, read_vocab
 
-    alpha, beta = hnnce_settings(cfg["loss"])
-    distill_cfg = dict(cfg["loss"].get("distill") or {})
+    alpha, beta = hnnce_settings(cfg.loss)
+    distill_cfg = cfg.loss.distill
     distill = None
-    if distill_cfg.get("enabled", False):
+    if distill_cfg.enabled:
         from training.losses.distill import ConceptDistillLoss
 
         in_dim = getattr(model, "pooled_dim", None)
@@ -46,40 +49,39 @@ def diht_objective(cfg: dict, model: nn.Module) -> nn.Module:
             raise ValueError("recipe diht: the model wrapper has no pooled_dim for the concept heads")
         distill = ConceptDistillLoss.from_vocab(
             read_vocab(concepts_url(cfg)), int(in_dim),
-            weight=float(distill_cfg.get("weight", 1.0)),
-            temperature=float(distill_cfg.get("temperature", 1.0)))
+            weight=distill_cfg.weight, temperature=distill_cfg.temperature)
     return DiHTLoss(alpha, beta, distill)
 
 
-def improved_objective(cfg: dict, model: nn.Module) -> nn.Module:
+def improved_objective(cfg: ImprovedConfig, model: nn.Module) -> nn.Module:
     from training.checkpoint import unwrap
     from training.improved_model import to_sync_batchnorm
     from training.losses.registry import build_ssl
     from training.recipe_improved import ImprovedRecipeLoss, loss_settings, ssl_settings
 
     model = unwrap(model)
-    loss_cfg = cfg["loss"]
+    loss_cfg = cfg.loss
     settings = loss_settings(loss_cfg)
     name, section, extras = ssl_settings(loss_cfg)
     ssl = build_ssl(section, model.pooled_dim) if section else None
     if ssl is not None:
-        ssl = to_sync_batchnorm(ssl, cfg["model"].get("sync_bn", "auto"))
-    momentum = float(section.get("momentum", 0.99)) if extras.get("ema_model") else None
+        ssl = to_sync_batchnorm(ssl, cfg.model.sync_bn)
+    momentum = float(section["momentum"]) if extras.get("ema_model") else None
     return ImprovedRecipeLoss(settings["label_smoothing"], ssl=ssl, ssl_name=name,
                               online=model, target_momentum=momentum, reduction=settings["reduction"])
 
 
-OBJECTIVES: dict[str, Callable[[dict, nn.Module], Callable]] = {
+OBJECTIVES: dict[str, Callable[[TrainConfig, nn.Module], Callable]] = {
     "clip": clip_objective,
     "diht": diht_objective,
     "improved": improved_objective,
 }
 
 
-def build_objective(cfg: dict, model: nn.Module) -> Callable:
-    """The loss of recipe ``cfg["recipe"]`` (default ``clip``) for ``model`` (the recipe's model
-    wrapper: DiHT's heads read its ``pooled_dim``, the improved recipe's EMA copies it)."""
-    name = cfg.get("recipe", "clip")
+def build_objective(cfg: TrainConfig, model: nn.Module) -> Callable:
+    """The loss of recipe ``cfg.recipe`` for ``model`` (the recipe's model wrapper: DiHT's heads
+    read its ``pooled_dim``, the improved recipe's EMA copies it)."""
+    name = cfg.recipe
     if name not in OBJECTIVES:
         raise ValueError(f"no objective for recipe '{name}' (known: {', '.join(sorted(OBJECTIVES))})")
     return OBJECTIVES[name](cfg, model)

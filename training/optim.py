@@ -24,9 +24,14 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
             {"params": decay, "weight_decay": weight_decay, "name": "decay"}]
 
 
-def build_optimizer(module: nn.Module, cfg: dict) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(module, float(cfg["weight_decay"])), lr=float(cfg["lr"]),
-                             betas=(float(cfg["beta1"]), float(cfg["beta2"])), eps=float(cfg["eps"]))
+def build_optimizer(module: nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW from the ``train`` section (:class:`training.settings.TrainSection`; a partial
+    mapping is merged over ``configs/train/clip.yaml``'s)."""
+    from training.settings import TrainSection, section_view
+
+    cfg = section_view(TrainSection, "clip", "train", cfg)
+    return torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps)
 
 
 def cosine_lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

@@ -32,7 +32,8 @@ import json
 import os
 import posixpath
 from collections import OrderedDict
-from typing import Callable, Sequence
+from dataclasses import replace
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ from torch import nn
 
 from training.data import ClipSampleTransform
 from training.recipes import ClipRecipe, register_recipe
-from training.settings import DiHTConfig
+from training.settings import DiHTConfig, DiHTLossConfig
 
 TARGET_COLUMNS = ("obj_ids", "obj_probs", "attr_ids", "attr_probs")
 _TARGETS: dict = {}  # per-process cache: concepts URL -> ConceptTargets of the whole folder
@@ -199,12 +200,12 @@ def lookup_by_shard(url: str, keys: Sequence[str], shard_of: dict[str, str]) -> 
     return out
 
 
-def concepts_url(cfg: dict) -> str:
+def concepts_url(cfg: DiHTConfig) -> str:
     """``loss.distill.concepts``, else ``<curated folder>/concepts`` of ``data.train`` (or of the
     demo output when ``data.train`` is null). Local paths are made absolute."""
-    url = (cfg["loss"].get("distill") or {}).get("concepts")
+    url = cfg.loss.distill.concepts
     if not url:
-        data = cfg["data"].get("train") or cfg["data"].get("demo_output")
+        data = cfg.data.train or cfg.data.demo_output
         if not isinstance(data, str) or any(ch in data for ch in "{*?["):
             raise ConceptError("loss.distill.concepts must be set when data.train is not one "
                                f"curated folder (got {data!r})")
@@ -266,13 +267,12 @@ class DiHTLoss(nn.Module):
         return {"loss": loss, **terms}
 
 
-def hnnce_settings(loss_cfg: dict) -> tuple[float, float]:
+def hnnce_settings(loss_cfg: DiHTLossConfig) -> tuple[float, float]:
     """``(alpha, beta)`` of HN-NCE from ``loss.hnnce``; errors for label smoothing (HN-NCE has
     none) and a negative alpha."""
-    if float(loss_cfg.get("label_smoothing") or 0.0) != 0.0:
+    if loss_cfg.label_smoothing != 0.0:
         raise ValueError("recipe diht: HN-NCE has no label smoothing; set loss.label_smoothing=0")
-    hn = loss_cfg.get("hnnce") or {}
-    alpha, beta = float(hn.get("alpha", 1.0)), float(hn.get("beta", 0.5))
+    alpha, beta = loss_cfg.hnnce.alpha, loss_cfg.hnnce.beta
     if alpha < 0:
         raise ValueError(f"loss.hnnce.alpha must be >= 0, got {alpha}")
     return alpha, beta
@@ -287,22 +287,23 @@ class DiHTRecipe(ClipRecipe):
     config_keys = ("loss.hnnce", "loss.distill")
     config_class = DiHTConfig  # the typed view of diht.yaml's sections (training/settings.py)
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: DiHTConfig | Mapping):
         super().__init__(cfg)
-        loss = cfg["loss"]
-        self.alpha, self.beta = hnnce_settings(loss)  # config errors on the driver
-        self.distill = bool((loss.get("distill") or {}).get("enabled", False))
+        cfg = self.cfg
+        self.alpha, self.beta = hnnce_settings(cfg.loss)  # config errors on the driver
+        self.distill = cfg.loss.distill.enabled
         self.concepts = None
         if self.distill:
             self.concepts = concepts_url(cfg)
-            # Resolved once (on the driver) and written back into the config the trainer hands
-            # to its workers, whose working directory may differ.
-            loss.setdefault("distill", {})["concepts"] = self.concepts
+            # Resolved once (on the driver) into the config (``self.cfg``) the trainer hands to
+            # its workers, whose working directory may differ.
+            distill = replace(cfg.loss.distill, concepts=self.concepts)
+            self.cfg = replace(cfg, loss=replace(cfg.loss, distill=distill))
 
     def sample_transform(self, is_train: bool = True, counter=None) -> Callable:
         if not self.distill:
             return super().sample_transform(is_train, counter)
         read_vocab(self.concepts)  # fail fast on the driver, before any worker starts
-        aug = self.cfg["data"].get("aug_cfg") or None
+        aug = self.cfg.data.aug_cfg or None
         return ConceptSampleTransform(self.arch, self.concepts, is_train=is_train, counter=counter,
                                       aug_cfg=aug if is_train else None)

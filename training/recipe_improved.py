@@ -60,7 +60,7 @@ from torch import nn
 
 from training.data import ClipSampleTransform
 from training.recipes import ClipRecipe, register_recipe
-from training.settings import ImprovedConfig
+from training.settings import ImprovedConfig, ImprovedLossConfig
 
 __all__ = ["ImprovedRecipe", "ImprovedRecipeLoss", "MultiViewSampleTransform", "improved_config",
            "ssl_settings"]
@@ -92,8 +92,16 @@ SEPARATE_PROJECTOR_COMPANIONS = ("barlip", "siamlip", "byolip")
 DEFAULT_LABEL_SMOOTHING = 0.1
 
 
-def ssl_settings(loss_cfg: Mapping) -> tuple[str, dict | None, dict]:
-    """``(name, build_ssl section or None, recipe-level extras)`` from the ``loss`` config.
+def loss_view(loss_cfg: ImprovedLossConfig | Mapping) -> ImprovedLossConfig:
+    """The typed ``loss`` section; a partial mapping is merged over ``configs/train/improved.yaml``'s."""
+    from training.settings import section_view
+
+    return section_view(ImprovedLossConfig, "improved", "loss", loss_cfg)
+
+
+def ssl_settings(loss_cfg: ImprovedLossConfig | Mapping) -> tuple[str, dict | None, dict]:
+    """``(name, build_ssl section or None, recipe-level extras)`` from the ``loss`` section
+    (:func:`loss_view`).
 
     ``loss.ssl.name`` selects the companion and ``loss.ssl.<name>`` holds its keyword arguments
     (``training.losses.ssl``); ``loss.ssl.separate_projectors`` (BarLIP, SiamLIP, BYOLIP) is
@@ -101,17 +109,17 @@ def ssl_settings(loss_cfg: Mapping) -> tuple[str, dict | None, dict]:
     returned in ``extras``.
     """
     from training.losses.registry import SSL_COMPANIONS
+    from training.settings import as_dict
 
-    ssl = dict(loss_cfg.get("ssl") or {})
-    name = str(ssl.get("name") or "none").lower()
-    separate = bool(ssl.get("separate_projectors", False))
+    ssl = loss_view(loss_cfg).ssl
+    name = str(ssl.name or "none").lower()
     if name in ("none", "null"):
         return "none", None, {}
     if name not in SSL_COMPANIONS:
-        raise ValueError(f"unknown loss.ssl.name {ssl.get('name')!r}; choose one of "
+        raise ValueError(f"unknown loss.ssl.name {ssl.name!r}; choose one of "
                          f"{sorted(SSL_COMPANIONS)} or none")
-    params = dict(ssl.get(name) or {})
-    if separate:
+    params = as_dict(getattr(ssl, name))
+    if ssl.separate_projectors:
         if name not in SEPARATE_PROJECTOR_COMPANIONS:
             raise ValueError(f"loss.ssl.separate_projectors applies to {', '.join(SEPARATE_PROJECTOR_COMPANIONS)}; "
                              f"{name} has no per-view projectors (swalip: no projector at all; slip: "
@@ -119,11 +127,11 @@ def ssl_settings(loss_cfg: Mapping) -> tuple[str, dict | None, dict]:
         params["separate_projectors"] = True
     extras = {}
     if name == "byolip":
-        extras["ema_model"] = bool(params.pop("ema_model", False))
+        extras["ema_model"] = bool(params.pop("ema_model"))
     return name, {"name": name, **params}, extras
 
 
-def loss_settings(loss_cfg: Mapping) -> dict:
+def loss_settings(loss_cfg: ImprovedLossConfig | Mapping) -> dict:
     """``{"label_smoothing", "reduction"}`` of the CLIP 🚀 term, checked against the companion.
 
     ``loss.label_smoothing: null`` means the recipe's default: 0.1 on the strong pairs, but 0
@@ -131,19 +139,16 @@ def loss_settings(loss_cfg: Mapping) -> dict:
     ``SwALIPLoss`` asserts ``label_smoothing == 0.0``, and its SwALIP runs use 0). ``loss.reduction``:
     ``mean`` | ``sum`` (official ``--loss-avg-or-sum``; :mod:`training.losses.improved`).
     """
-    from training.losses.improved import check_reduction
-
-    name = str((loss_cfg.get("ssl") or {}).get("name") or "none").lower()
-    smoothing = loss_cfg.get("label_smoothing")
+    loss_cfg = loss_view(loss_cfg)
+    name = str(loss_cfg.ssl.name or "none").lower()
+    smoothing = loss_cfg.label_smoothing
     if smoothing is None:
         smoothing = 0.0 if name == "swalip" else DEFAULT_LABEL_SMOOTHING
-    smoothing = float(smoothing)
     if name == "swalip" and smoothing != 0.0:
         raise ValueError(f"loss.label_smoothing={smoothing:g} with loss.ssl.name=swalip: SwALIP is trained "
                          "without label smoothing (the official SwALIPLoss refuses it); set "
                          "loss.label_smoothing=0 or null")
-    return {"label_smoothing": smoothing,
-            "reduction": check_reduction(str(loss_cfg.get("reduction") or "mean"))}
+    return {"label_smoothing": float(smoothing), "reduction": loss_cfg.reduction}
 
 
 # --- data ---------------------------------------------------------------------------------------------------
@@ -369,17 +374,17 @@ class ImprovedRecipe(ClipRecipe):
                    "model.improved", "loss.reduction", "loss.ssl")
     config_class = ImprovedConfig  # the typed view of improved.yaml's sections (training/settings.py)
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: ImprovedConfig | Mapping):
         super().__init__(cfg)
-        loss_cfg = cfg.get("loss") or {}
-        loss_settings(loss_cfg)  # config errors (SwALIP + smoothing, reduction) on the driver
-        ssl_settings(loss_cfg)
+        loss_settings(self.cfg.loss)  # config errors (SwALIP + smoothing) on the driver
+        ssl_settings(self.cfg.loss)
 
     def sample_transform(self, is_train: bool = True, counter=None) -> Callable:
         if not is_train:
             return super().sample_transform(is_train=False, counter=counter)
-        t = MultiViewSampleTransform(self.arch, self.cfg.get("views"),
-                                     seeding=(self.cfg.get("data") or {}).get("views_seeding", "worker"),
+        from training.settings import as_dict
+
+        t = MultiViewSampleTransform(self.arch, as_dict(self.cfg.views), seeding=self.cfg.data.views_seeding,
                                      counter=counter)
         t.views()  # build it here once: a missing thesaurus or bad view config fails before training
         return t
@@ -395,24 +400,25 @@ class ImprovedRecipe(ClipRecipe):
         """``text_cfg`` / ``vision_cfg`` overrides merged into the architecture's own config."""
         from training.model import model_config
 
-        m, kwargs = self.cfg["model"], {}
+        m, kwargs = self.cfg.model, {}
         base = model_config(self.arch)
         for key in ("text_cfg", "vision_cfg"):
-            if m.get(key):
-                kwargs[key] = {**base.get(key, {}), **dict(m[key])}
+            if getattr(m, key):
+                kwargs[key] = {**base.get(key, {}), **getattr(m, key)}
         return kwargs
 
     def build_model(self) -> nn.Module:
         from training.improved_model import ImprovedCLIP, to_sync_batchnorm
         from training.model import create_clip
+        from training.settings import as_dict
 
-        m = self.cfg["model"]
+        m = self.cfg.model
         towers = self.tower_kwargs()
-        clip = create_clip(self.arch, init_checkpoint=m.get("init_checkpoint"), **towers)
-        model = ImprovedCLIP(clip, m.get("improved") or {}, arch=self.arch)
-        model.tower_overrides = towers      # in the exported open_clip model config
-        model.train_config = self.cfg       # in meta.json: evaluate.py rebuilds this model
-        return to_sync_batchnorm(model, m.get("sync_bn", "auto"))
+        clip = create_clip(self.arch, init_checkpoint=m.init_checkpoint, **towers)
+        model = ImprovedCLIP(clip, m.improved, arch=self.arch)
+        model.tower_overrides = towers          # in the exported open_clip model config
+        model.train_config = as_dict(self.cfg)  # in meta.json: evaluate.py rebuilds this model
+        return to_sync_batchnorm(model, m.sync_bn)
 
     def embedder(self, model: nn.Module, device="cpu"):
         from training.checkpoint import unwrap

@@ -25,9 +25,12 @@ Register a new recipe with::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable
 
 from torch import nn
+
+from training.settings import TrainConfig
 
 RECIPES: dict[str, type] = {}
 # modules imported on first use of a name that is not registered yet (a new recipe adds its own)
@@ -56,8 +59,16 @@ def recipe_class(name: str) -> type:
     return RECIPES[name]
 
 
-def get_recipe(cfg: dict) -> "Recipe":
-    return recipe_class(cfg.get("recipe", "clip"))(cfg)
+def get_recipe(cfg) -> "Recipe":
+    """The recipe of ``cfg``: a typed view (:func:`training.settings.train_config`), or a plain
+    config dict (e.g. a checkpoint's ``meta.json``, maybe written before a key was added: merged
+    over the recipe's defaults, then parsed)."""
+    from training.settings import plain_config, train_config
+
+    if isinstance(cfg, TrainConfig):
+        return recipe_class(cfg.recipe)(cfg)
+    cls = recipe_class(cfg.get("recipe") or "clip")
+    return cls(train_config(plain_config(cfg)))
 
 
 class Recipe:
@@ -69,9 +80,11 @@ class Recipe:
     # types the recipe's own sections); None: training.settings.TrainConfig
     config_class: type | None = None
 
-    def __init__(self, cfg: dict):
-        self.cfg = cfg
-        self.arch = cfg["model"]["arch"]
+    def __init__(self, cfg: TrainConfig | Mapping):
+        from training.settings import train_config
+
+        self.cfg = train_config(cfg)  # a merged plain config is parsed here (a view stays as it is)
+        self.arch = self.cfg.model.arch
 
     def sample_transform(self, is_train: bool = True, counter=None) -> Callable:
         raise NotImplementedError
@@ -115,15 +128,15 @@ class ClipRecipe(Recipe):
     def sample_transform(self, is_train: bool = True, counter=None) -> Callable:
         from training.data import ClipSampleTransform
 
-        aug = self.cfg["data"].get("aug_cfg") or None
+        aug = self.cfg.data.aug_cfg or None
         return ClipSampleTransform(self.arch, is_train=is_train, counter=counter,
                                    aug_cfg=aug if is_train else None)
 
     def build_model(self) -> nn.Module:
         from training.model import ClipModel, create_clip
+        from training.settings import as_dict
 
-        m = self.cfg["model"]
-        clip = create_clip(self.arch, init_checkpoint=m.get("init_checkpoint"))
+        clip = create_clip(self.arch, init_checkpoint=self.cfg.model.init_checkpoint)
         model = ClipModel(clip, self.arch)
-        model.train_config = self.cfg  # in meta.json: evaluate.py rebuilds this model
+        model.train_config = as_dict(self.cfg)  # in meta.json: evaluate.py rebuilds this model
         return model

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from typing import Literal, Mapping
 
 from curation.common.config import as_dict, deep_merge, typed_view
+from curation.common.jobs import RayConfig  # the one ``ray:`` section of every job
 
 __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "LossConfig", "TrainSection", "ScalingConfig",
            "RunConfig", "DebugConfig", "RayConfig", "DiHTConfig", "DiHTLossConfig", "HNNCEConfig",
            "DistillConfig", "ImprovedConfig", "ImprovedDataConfig", "ImprovedModelConfig",
            "ImprovedProjectors", "ImprovedLossConfig", "SSLConfig", "ViewsConfig", "train_config",
-           "plain_config", "as_dict"]
+           "plain_config", "section_view", "as_dict"]
 
 
 # --- clip.yaml ------------------------------------------------------------------------------------
@@ -109,13 +110,6 @@ class DebugConfig:
     pause_s: float
     dir: str | None
     log_keys: bool
-
-
-@dataclass(frozen=True)
-class RayConfig:
-    address: str | None
-    num_cpus: int | None
-    dashboard: bool
 
 
 @dataclass(frozen=True)
@@ -359,6 +353,22 @@ def train_config(cfg: Mapping | TrainConfig) -> TrainConfig:
     except ValueError as exc:
         raise ConfigError(f"recipe: {exc}") from None
     return typed_view(cls, cfg)
+
+
+def section_view(cls: type, recipe: str, section: str, cfg=None):
+    """The typed view (``cls``) of one section of recipe ``recipe``'s defaults (``section``, a
+    dotted key) with a partial plain ``cfg`` merged strictly over it; a view of ``cls`` is
+    returned as it is. For units used on their own (tests, benchmarks), e.g.
+    ``section_view(ImprovedProjectors, "improved", "model.improved", {"proj_dim": 64})``."""
+    if isinstance(cfg, cls):
+        return cfg
+    from training.train import default_config
+
+    base = default_config(recipe)
+    for part in section.split("."):
+        base = base[part]
+    return typed_view(cls, deep_merge(base, copy.deepcopy(dict(cfg or {})), _prefix=f"{section}."),
+                      section)
 
 
 def plain_config(cfg: Mapping) -> dict:

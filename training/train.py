@@ -17,15 +17,18 @@ import os
 import posixpath
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from curation.common.config import (CONFIG_DIR, ConfigError, apply_overrides, deep_merge, user_error,  # noqa: E402
                              load_yaml, parse_override)
+from training.settings import TrainConfig  # noqa: E402
 
 DEFAULT_CONFIG = CONFIG_DIR / "train" / "clip.yaml"
 EVAL_DEFAULTS = CONFIG_DIR / "eval" / "default.yaml"
+SCHEDULE_KEYS = ("enabled", "every_n_epochs")  # clip.yaml's eval keys for the training loop's schedule
 
 
 class TrainError(RuntimeError):
@@ -87,17 +90,25 @@ def build_train_config(user_file: str | None = None, overrides: list[str] = ()) 
     return apply_overrides(cfg, overrides)
 
 
-def parse_args(argv=None) -> dict:
+def checked_config(cfg: dict) -> TrainConfig:
+    """The typed view of a merged config (:mod:`training.settings`), its ``eval`` section checked
+    by its owner (:func:`training.eval_settings.eval_config`) too, on the driver before any work:
+    a wrong key or value is a :class:`ConfigError` naming it."""
+    from training.eval_settings import eval_config
+    from training.settings import train_config
+
+    view = train_config(cfg)
+    eval_config({k: v for k, v in view.eval.items() if k not in SCHEDULE_KEYS})
+    return view
+
+
+def parse_args(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help=f"YAML merged over {DEFAULT_CONFIG.relative_to(CONFIG_DIR.parent)}")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args(argv)
     try:
-        cfg = build_train_config(args.config, args.overrides)
-        from training.settings import train_config
-
-        train_config(cfg)  # the typed view (training/settings.py): a wrong key or value is one line
-        return cfg
+        return checked_config(build_train_config(args.config, args.overrides))
     except ConfigError as exc:
         user_error(exc)
         raise
@@ -122,19 +133,18 @@ def plan_batches(num_samples: int, global_batch: int, num_workers: int, accum_st
             "total_steps": total}
 
 
-def demo_curation_overrides(cfg: dict) -> list[str]:
+def demo_curation_overrides(cfg: TrainConfig) -> list[str]:
     """Curation overrides that make the training demo: ``output`` = ``data.demo_output``, and
     ``demo.num_samples`` / ``demo.num_shards`` from ``data.demo_samples`` / ``data.demo_shards``
     (null: the curation defaults). A demo of another size is generated next to the curated
     output (``<demo_output>_input``) so it never overwrites ``make demo``'s input."""
-    data = cfg["data"]
-    out = data["demo_output"]
+    out = cfg.data.demo_output
     overrides = [f"output={out}", "progress=false"]
     sized = False
     for key, name in (("demo_samples", "num_samples"), ("demo_shards", "num_shards")):
-        value = data.get(key)
+        value = getattr(cfg.data, key)
         if value is not None:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if value < 1:
                 raise TrainError(f"data.{key} must be a positive integer or null, got {value!r}")
             overrides.append(f"demo.{name}={value}")
             sized = True
@@ -143,11 +153,10 @@ def demo_curation_overrides(cfg: dict) -> list[str]:
     return overrides
 
 
-def ensure_demo_data(cfg: dict, log=print) -> str:
+def ensure_demo_data(cfg: TrainConfig, log=print) -> str:
     """The demo curation output (``data.demo_output``), curated when missing from a generated demo
     of ``data.demo_samples`` pairs (see :func:`demo_curation_overrides`)."""
-    out = cfg["data"]["demo_output"]
-    want = cfg["data"].get("demo_samples")
+    out, want = cfg.data.demo_output, cfg.data.demo_samples
     if (Path(out) / "shards" / "sizes.json").exists():
         summary = Path(out) / "summary.json"
         try:
@@ -169,31 +178,30 @@ def ensure_demo_data(cfg: dict, log=print) -> str:
     return out
 
 
-def resolve_use_gpu(value) -> bool:
+def resolve_use_gpu(value: bool | str) -> bool:
+    """``scaling.use_gpu`` (true | false | auto: whether the cluster has GPUs)."""
     if value in (True, False):
         return value
-    if value != "auto":
-        raise TrainError(f"scaling.use_gpu must be auto, true or false, got {value!r}")
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def storage_and_name(cfg: dict) -> tuple[str, str]:
+def storage_and_name(cfg: TrainConfig) -> tuple[str, str]:
     from curation.common.storage import absolute
 
-    storage = absolute(cfg["run"]["storage_path"]).rstrip("/")
-    name = cfg["run"]["name"] or f"{cfg.get('recipe', 'clip')}-{cfg['model']['arch']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = absolute(cfg.run.storage_path).rstrip("/")
+    name = cfg.run.name or f"{cfg.recipe}-{cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
     return storage, name
 
 
-def log_dir_for(cfg: dict, storage: str, name: str) -> str:
+def log_dir_for(cfg: TrainConfig, storage: str, name: str) -> str:
     """``run.log_dir``, else ``<run.storage_path>/<name>``: a local folder or a URL (the logs
     then go to the bucket next to the checkpoints, see :class:`training.loop.MetricsLogger`)."""
     from curation.common.storage import absolute, url_join
 
-    if cfg["run"].get("log_dir"):
-        return absolute(cfg["run"]["log_dir"])
+    if cfg.run.log_dir:
+        return absolute(cfg.run.log_dir)
     return url_join(storage, name)
 
 
@@ -230,7 +238,7 @@ def read_text(url: str, storage=None) -> str | None:
 
 # --- the job ---------------------------------------------------------------------------------------
 
-def build_trainer(cfg: dict, log=print, storage=None):
+def build_trainer(cfg: TrainConfig, log=print, storage=None):
     """Everything up to ``TorchTrainer``; returns ``(trainer, info)``. ``storage``: the
     :class:`curation.common.storage.Storage` captured on the driver (every worker applies it)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -242,55 +250,53 @@ def build_trainer(cfg: dict, log=print, storage=None):
     from training.loop import train_loop_per_worker
     from training.recipes import get_recipe
 
-    storage_settings = storage if storage is not None else Storage.capture(cfg.get("storage_options"))
-    data_cfg = dict(cfg["data"])
-    if not data_cfg.get("train"):
-        data_cfg["train"] = ensure_demo_data(cfg, log=log)
-    elif isinstance(data_cfg["train"], str):
-        data_cfg["train"] = absolute(data_cfg["train"])  # workers may run in another directory
-    paths, fs = resolve_shards(data_cfg["train"], storage_settings)
-    num_samples = data_cfg.get("num_samples") or count_samples(paths, fs)
+    storage_settings = storage if storage is not None else Storage.capture(cfg.storage_options)
+    train_data = cfg.data.train
+    if not train_data:
+        train_data = ensure_demo_data(cfg, log=log)
+    elif isinstance(train_data, str):
+        train_data = absolute(train_data)  # workers may run in another directory
+    cfg = replace(cfg, data=replace(cfg.data, train=train_data))
+    paths, fs = resolve_shards(train_data, storage_settings)
+    num_samples = cfg.data.num_samples or count_samples(paths, fs)
     recipe = get_recipe(cfg)
+    cfg = recipe.cfg  # as the recipe resolved it (DiHT: the concepts folder, absolute)
     counter = start_error_counter()
-    ds = build_dataset(data_cfg, recipe.sample_transform(is_train=True, counter=counter),
-                       storage=storage_settings, seed=int(cfg["train"]["seed"]))
+    ds = build_dataset(cfg.data, recipe.sample_transform(is_train=True, counter=counter),
+                       storage=storage_settings, seed=cfg.train.seed)
     if not num_samples:
         log("no sizes.json for these shards: counting samples (one pass over the data)")
         num_samples = ds.count()
-    sc, tcfg = cfg["scaling"], cfg["train"]
-    workers = int(sc["num_workers"])
-    plan = plan_batches(int(num_samples), int(tcfg["batch_size"]), workers, int(tcfg["accum_steps"]),
-                        float(tcfg["epochs"]), tcfg.get("max_steps"))
-    use_gpu = resolve_use_gpu(sc["use_gpu"])
-    resources = {"CPU": float(sc["cpus_per_worker"])}
+    sc, tcfg = cfg.scaling, cfg.train
+    plan = plan_batches(int(num_samples), tcfg.batch_size, sc.num_workers, tcfg.accum_steps, tcfg.epochs,
+                        tcfg.max_steps)
+    use_gpu = resolve_use_gpu(sc.use_gpu)
+    resources = {"CPU": sc.cpus_per_worker}
     if use_gpu:
-        resources["GPU"] = float(sc.get("gpus_per_worker") or 1)
-    resources.update(sc.get("extra_resources") or {})
+        resources["GPU"] = sc.gpus_per_worker or 1.0
+    resources.update(sc.extra_resources)
     storage, name = storage_and_name(cfg)
     log_dir = log_dir_for(cfg, storage, name)
     from curation.common.jobs import warn_local_paths_on_cluster
 
-    first = data_cfg["train"][0] if isinstance(data_cfg["train"], (list, tuple)) else data_cfg["train"]
+    first = train_data[0] if isinstance(train_data, (list, tuple)) else train_data
     warn_local_paths_on_cluster({"data.train": first, "run.storage_path": storage, "run.log_dir": log_dir},
                                 log=log)
-    eval_cfg = dict(cfg.get("eval") or {})
-    if eval_cfg.get("cache_dir"):
-        eval_cfg["cache_dir"] = absolute(eval_cfg["cache_dir"])  # workers may run elsewhere
     ray_storage_path, ray_fs = ray_train_storage(storage, storage_settings)
     info = {"num_samples": int(num_samples), "num_shards": len(paths), "use_gpu": use_gpu,
             "storage_path": storage, "name": name, "log_dir": log_dir, "counter": counter,
-            "data": data_cfg["train"], **plan}
+            "data": train_data, **plan}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": {**cfg, "data": data_cfg, "eval": eval_cfg}, "log_dir": log_dir,
-                           "run_url": url_join(storage, name), "storage": storage_settings, **plan},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources,
-                                     placement_strategy=sc.get("placement_strategy", "PACK")),
+        train_loop_config={"cfg": cfg, "log_dir": log_dir, "run_url": url_join(storage, name),
+                           "storage": storage_settings, **plan},
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=sc.placement_strategy),
         run_config=RunConfig(name=name, storage_path=ray_storage_path, storage_filesystem=ray_fs,
-                             failure_config=FailureConfig(max_failures=int(cfg["run"]["max_failures"])),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg["run"]["num_to_keep"])),
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep)),
         datasets={"train": ds},
-        dataset_config=data_config(DataConfig, bool(data_cfg.get("deterministic", True))),
+        dataset_config=data_config(DataConfig, cfg.data.deterministic),
     )
     return trainer, info
 
@@ -306,31 +312,32 @@ def data_config(DataConfig, deterministic: bool):
     return DataConfig(execution_options=options, enable_shard_locality=False)
 
 
-def absolute_paths(cfg: dict) -> dict:
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """The config with its local paths made absolute. Done before ``ray.init``: under
     ``ray job submit`` the driver runs in the job's unpacked working_dir, which Ray may unpack
     again when the first worker starts on the head node, leaving the driver in a deleted
     directory (``os.getcwd()`` fails; relative paths no longer resolve)."""
-    import copy
-
     from curation.common.storage import absolute
 
-    cfg = copy.deepcopy(cfg)
-    for section, key in (("data", "demo_output"), ("run", "storage_path"), ("run", "log_dir"),
-                         ("eval", "cache_dir"), ("debug", "dir")):
-        sec = cfg.get(section) or {}
-        if isinstance(sec.get(key), str) and sec[key]:
-            sec[key] = absolute(sec[key])
-    train_data = (cfg.get("data") or {}).get("train")
+    def fixed(section, **paths):
+        return replace(section, **{k: absolute(v) for k, v in paths.items() if isinstance(v, str) and v})
+
+    train_data = cfg.data.train
     if isinstance(train_data, str) and train_data:
-        cfg["data"]["train"] = absolute(train_data)
+        train_data = absolute(train_data)
     elif isinstance(train_data, (list, tuple)):
-        cfg["data"]["train"] = [absolute(t) for t in train_data]
-    return cfg
+        train_data = tuple(absolute(t) for t in train_data)
+    eval_cfg = dict(cfg.eval)
+    if isinstance(eval_cfg.get("cache_dir"), str) and eval_cfg["cache_dir"]:
+        eval_cfg["cache_dir"] = absolute(eval_cfg["cache_dir"])
+    return replace(cfg, data=replace(fixed(cfg.data, demo_output=cfg.data.demo_output), train=train_data),
+                   run=fixed(cfg.run, storage_path=cfg.run.storage_path, log_dir=cfg.run.log_dir),
+                   debug=fixed(cfg.debug, dir=cfg.debug.dir), eval=eval_cfg)
 
 
-def train(cfg: dict, log=print) -> dict:
-    """Run the training job; returns a summary (checkpoint path, metrics, eval, skipped samples)."""
+def train(cfg: TrainConfig | dict, log=print) -> dict:
+    """Run the training job; returns a summary (checkpoint path, metrics, eval, skipped samples).
+    ``cfg``: the typed view, or the merged plain config (parsed here, once)."""
     import ray
     # torch before ray.init: under ray job submit, Ray may unpack the working_dir again and leave
     # the driver in a deleted directory (see absolute_paths), where importing torch aborts the
@@ -340,18 +347,19 @@ def train(cfg: dict, log=print) -> dict:
     from curation.common.jobs import init_ray
     from curation.common.storage import Storage, is_remote
 
-    storage = Storage.capture(cfg.get("storage_options")).apply()
+    cfg = checked_config(cfg) if not isinstance(cfg, TrainConfig) else cfg
+    storage = Storage.capture(cfg.storage_options).apply()
     cfg = absolute_paths(cfg)
-    init_ray(cfg.get("ray") or {}, storage=storage)
+    init_ray(cfg.ray, storage=storage)
     data_context = ray.data.DataContext.get_current()
-    data_context.enable_progress_bars = bool(cfg.get("progress", False))
+    data_context.enable_progress_bars = cfg.progress
     # Ray Data logs the dataset's execution plan at the start of every epoch: only with progress on
-    data_context.print_on_execution_start = bool(cfg.get("progress", False))
+    data_context.print_on_execution_start = cfg.progress
     started = time.time()
     trainer, info = build_trainer(cfg, log=log, storage=storage)
-    log(f"training {cfg['model']['arch']} ({cfg.get('recipe', 'clip')}) on {info['num_samples']} samples "
-        f"in {info['num_shards']} shards: {info['total_steps']} steps of {cfg['train']['batch_size']} "
-        f"({info['steps_per_epoch']} per epoch), {cfg['scaling']['num_workers']} worker(s), "
+    log(f"training {cfg.model.arch} ({cfg.recipe}) on {info['num_samples']} samples "
+        f"in {info['num_shards']} shards: {info['total_steps']} steps of {cfg.train.batch_size} "
+        f"({info['steps_per_epoch']} per epoch), {cfg.scaling.num_workers} worker(s), "
         f"gpu={info['use_gpu']}; run {info['name']} in {info['storage_path']}")
     result = trainer.fit()
     skipped = ray.get(info["counter"].summary.remote())
