@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from curation.common.config import ConfigError
+from curation.common.config import ConfigError, as_dict
 from training.augment import thesaurus as thesaurus_mod
 from training.augment.image import ImageViews, normalization
 from training.augment.text import (TextAugmenter, random_deletion, random_swap, remove_stopwords,
@@ -80,7 +80,7 @@ def test_text_views_work_without_network(no_network):
     thesaurus_mod._load.cache_clear()
     cfg = views_config({"text": {"strong": {"ops": {"synonym": 1.0, "swap": 0.0, "delete": 0.0}}}})
     for source in ("wordnet", "mythes"):
-        aug = TextAugmenter({**cfg["text"], "synonyms": {"source": source, "path": None}})
+        aug = TextAugmenter({**as_dict(cfg.text), "synonyms": {"source": source, "path": None}})
         weak, strong = aug.views("a red car parked near a small house", random.Random(0))
         assert weak and len(strong) == 2
         assert all(s != "a red car parked near a small house" for s in strong)
@@ -117,7 +117,7 @@ def test_missing_thesaurus_is_a_clear_error(tmp_path, source, package):
 
 
 def test_thesaurus_not_needed_when_synonyms_off(tmp_path):
-    aug = TextAugmenter({"strong": {"ops": {"synonym": 0.0, "swap": 1.0}},
+    aug = TextAugmenter({"strong": {"ops": {"synonym": 0.0, "swap": 1.0, "delete": 0.0}},
                         "synonyms": {"source": "wordnet", "path": str(tmp_path / "absent")}})
     assert sorted(aug.strong("red car", random.Random(0)).split()) == ["car", "red"]
 
@@ -171,7 +171,7 @@ def test_strong_text_synonym_view_picks_real_synonyms(source):
 
 
 def test_text_views_deterministic_under_seed_and_as_configured():
-    cfg = views_config({"text": {"synonyms": {"source": "mythes"}}})["text"]
+    cfg = views_config({"text": {"synonyms": {"source": "mythes"}}}).text
     aug = TextAugmenter(cfg)
     for caption in CAPTIONS:
         first = aug.views(caption, random.Random(42))
@@ -184,11 +184,13 @@ def test_text_views_deterministic_under_seed_and_as_configured():
     assert TextAugmenter(off).views(CAPTIONS[0], random.Random(1)) == (CAPTIONS[0],
                                                                        [CAPTIONS[0]] * 2)
     # stopword removal always, no EDA op: weak and strong are the caption without stopwords
-    sw = {"weak": {"stopwords_p": 1.0}, "strong": {"stopwords_p": 1.0, "ops": {}}}
+    sw = {"weak": {"stopwords_p": 1.0},
+          "strong": {"stopwords_p": 1.0, "ops": {"synonym": 0.0, "swap": 0.0, "delete": 0.0}}}
     assert TextAugmenter(sw).views(CAPTIONS[0], random.Random(1)) == (
         "dog sitting red couch car", ["dog sitting red couch car"] * 2)
     # swap always: the strong views are permutations of the (stopword-free) weak view
-    swap = {"weak": {"stopwords_p": 1.0}, "strong": {"stopwords_p": 1.0, "ops": {"swap": 1.0}}}
+    swap = {"weak": {"stopwords_p": 1.0},
+            "strong": {"stopwords_p": 1.0, "ops": {"synonym": 0.0, "swap": 1.0, "delete": 0.0}}}
     weak, strong = TextAugmenter(swap).views(CAPTIONS[1], random.Random(5))
     assert all(sorted(s.split()) == sorted(weak.split()) and s != weak for s in strong)
 
@@ -196,7 +198,7 @@ def test_text_views_deterministic_under_seed_and_as_configured():
 def test_text_config_errors():
     with pytest.raises(ValueError, match="sum to more than 1"):
         TextAugmenter({"strong": {"ops": {"synonym": 0.6, "swap": 0.6}}})
-    with pytest.raises(ValueError, match="unknown text.strong.ops"):
+    with pytest.raises(ValueError, match="unknown config key 'views.text.strong.ops.shuffle'"):
         TextAugmenter({"strong": {"ops": {"shuffle": 0.5}}})
     with pytest.raises(ValueError, match="probability"):
         TextAugmenter({"weak": {"stopwords_p": 1.5}})
@@ -207,7 +209,7 @@ def test_text_config_errors():
 # ---- image views ---------------------------------------------------------------------------
 
 def test_image_views_shapes_and_normalisation():
-    views = ImageViews(views_config()["image"], {"size": (32, 24), "mean": PP["mean"],
+    views = ImageViews(views_config().image, {"size": (32, 24), "mean": PP["mean"],
                                                  "std": PP["std"]})
     weak, strong = views(_image(60, 40), seed=0)
     assert weak.shape == (3, 32, 24) and weak.dtype == torch.float32
@@ -249,12 +251,12 @@ def test_strong_views_differ_from_weak_as_configured():
         weak, strong = ImageViews(_identity_image_cfg(blur=blur), PP)(img, seed=2)
         assert tv(strong[0]) < 0.8 * tv(weak) and tv(strong[1]) < 0.8 * tv(weak)
     # defaults: two strong views differ from each other and from the weak view
-    weak, strong = ImageViews(views_config()["image"], PP)(img, seed=3)
+    weak, strong = ImageViews(views_config().image, PP)(img, seed=3)
     assert not torch.allclose(strong[0], strong[1]) and not torch.allclose(strong[0], weak)
 
 
 def test_image_views_seeded_and_leave_global_rng_alone():
-    views = ImageViews(views_config()["image"], PP)
+    views = ImageViews(views_config().image, PP)
     img = _image()
     a, b = views(img, seed=7), views(img, seed=7)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -295,9 +297,9 @@ def test_multiview_transform_outputs_and_determinism():
 
 def test_multiview_config_defaults_and_errors():
     cfg = views_config()
-    assert cfg["image"]["weak"]["scale"] == [0.5, 1.0] and cfg["image"]["strong"]["hflip"] == 0.5
-    assert cfg["text"]["strong"]["ops"] == {"synonym": 0.4, "swap": 0.4, "delete": 0.2}
-    assert views_config({"views": {"num_strong": 3}})["num_strong"] == 3
+    assert cfg.image.weak.scale == (0.5, 1.0) and cfg.image.strong.hflip == 0.5
+    assert as_dict(cfg.text.strong.ops) == {"synonym": 0.4, "swap": 0.4, "delete": 0.2}
+    assert views_config({"views": {"num_strong": 3}}).num_strong == 3
     with pytest.raises(ConfigError, match="views.image.strong.grayscale"):
         views_config({"image": {"strong": {"grayscale": 1.0}}})
     mv = MultiViewTransform({"num_strong": 3, "text": {"synonyms": {"source": "mythes"}}}, PP,

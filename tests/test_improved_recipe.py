@@ -85,8 +85,9 @@ def registered():
 
 def test_the_view_defaults_are_the_recipes_views():
     from training.augment.views import views_config
+    from training.settings import as_dict
 
-    assert load_yaml(TRAIN_CONFIGS / "improved.yaml")["views"] == views_config()
+    assert load_yaml(TRAIN_CONFIGS / "improved.yaml")["views"] == as_dict(views_config())
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

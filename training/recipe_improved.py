@@ -48,7 +48,6 @@ merges several files in order (tests, benchmarks).
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from collections.abc import Mapping
@@ -60,7 +59,7 @@ from torch import nn
 
 from training.data import ClipSampleTransform
 from training.recipes import ClipRecipe, register_recipe
-from training.settings import ImprovedConfig, ImprovedLossConfig
+from training.settings import ImprovedConfig, ImprovedLossConfig, ViewsConfig
 
 __all__ = ["ImprovedRecipe", "ImprovedRecipeLoss", "MultiViewSampleTransform", "improved_config",
            "ssl_settings"]
@@ -169,7 +168,7 @@ class MultiViewSampleTransform(ClipSampleTransform):
     fatal. Picklable; the views transform is built once per worker process.
     """
 
-    def __init__(self, arch: str, views_cfg: Mapping | None = None, seeding: str = "worker",
+    def __init__(self, arch: str, views_cfg: ViewsConfig | Mapping | None = None, seeding: str = "worker",
                  counter=None):
         from training.augment.views import views_config
 
@@ -181,12 +180,12 @@ class MultiViewSampleTransform(ClipSampleTransform):
 
     def views(self):
         """This process's :class:`MultiViewTransform` (built on first use)."""
-        cache_key = (self.arch, json.dumps(self.views_cfg, sort_keys=True), self.seeding)
+        cache_key = (self.arch, self.views_cfg, self.seeding)  # a frozen dataclass of tuples: hashable
         if cache_key not in _VIEWS:
             from training.augment.views import MultiViewTransform
             from training.model import preprocess_config, tokenizer
 
-            base = int(self.views_cfg["seed"])
+            base = self.views_cfg.seed
             seed = worker_seed(base) if self.seeding == "worker" else base
             _VIEWS[cache_key] = MultiViewTransform(self.views_cfg, preprocess_config(self.arch),
                                                    tokenizer(self.arch), seed=seed)
@@ -216,7 +215,7 @@ class MultiViewSampleTransform(ClipSampleTransform):
         mv = self.views()
         keys, images, texts, errors = self.decode(batch)
         rows, kept = [], []
-        base = int(self.views_cfg["seed"])
+        base = self.views_cfg.seed
         for key, image, text in zip(keys, images, texts):
             try:
                 seed = sample_seed(base, key) if self.seeding == "sample" else None
@@ -382,9 +381,7 @@ class ImprovedRecipe(ClipRecipe):
     def sample_transform(self, is_train: bool = True, counter=None) -> Callable:
         if not is_train:
             return super().sample_transform(is_train=False, counter=counter)
-        from training.settings import as_dict
-
-        t = MultiViewSampleTransform(self.arch, as_dict(self.cfg.views), seeding=self.cfg.data.views_seeding,
+        t = MultiViewSampleTransform(self.arch, self.cfg.views, seeding=self.cfg.data.views_seeding,
                                      counter=counter)
         t.views()  # build it here once: a missing thesaurus or bad view config fails before training
         return t

@@ -22,6 +22,8 @@ from typing import Mapping, Sequence
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
+from training.settings import ImageViewsConfig, StrongImageView, WeakImageView, section_view
+
 __all__ = ["ImageViews", "PILGaussianBlur", "build_strong_transform", "build_weak_transform",
            "normalization", "seeded"]
 
@@ -65,11 +67,9 @@ def _interpolation(name: str) -> InterpolationMode:
         raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATION)}, got {name!r}")
 
 
-def _rrc(size: tuple[int, int], cfg: Mapping) -> v2.RandomResizedCrop:
-    return v2.RandomResizedCrop(size, scale=tuple(cfg.get("scale", (0.08, 1.0))),
-                                ratio=tuple(cfg.get("ratio", (3 / 4, 4 / 3))),
-                                interpolation=_interpolation(cfg.get("interpolation", "bicubic")),
-                                antialias=True)
+def _rrc(size: tuple[int, int], cfg: WeakImageView | StrongImageView) -> v2.RandomResizedCrop:
+    return v2.RandomResizedCrop(size, scale=cfg.scale, ratio=cfg.ratio,
+                                interpolation=_interpolation(cfg.interpolation), antialias=True)
 
 
 class PILGaussianBlur(torch.nn.Module):
@@ -95,44 +95,44 @@ def _finish(mean: Sequence[float], std: Sequence[float]) -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
 
 
-def build_weak_transform(cfg: Mapping, preprocess_cfg) -> v2.Compose:
+def build_weak_transform(cfg: WeakImageView, preprocess_cfg) -> v2.Compose:
     """PIL image -> normalised float tensor [3, H, W] (``views.image.weak``)."""
     size, mean, std = normalization(preprocess_cfg)
     ops = [_rrc(size, cfg)]
-    if float(cfg.get("hflip", 0.0)) > 0:
-        ops.append(v2.RandomHorizontalFlip(float(cfg["hflip"])))
+    if cfg.hflip > 0:
+        ops.append(v2.RandomHorizontalFlip(cfg.hflip))
     return v2.Compose(ops + _finish(mean, std))
 
 
-def build_strong_transform(cfg: Mapping, preprocess_cfg) -> v2.Compose:
+def build_strong_transform(cfg: StrongImageView, preprocess_cfg) -> v2.Compose:
     """PIL image -> normalised float tensor [3, H, W] (``views.image.strong``)."""
     size, mean, std = normalization(preprocess_cfg)
     ops: list = [_rrc(size, cfg)]
-    cj = dict(cfg.get("color_jitter", {}))
-    if float(cj.get("p", 0.0)) > 0:
-        ops.append(v2.RandomApply([v2.ColorJitter(
-            brightness=cj.get("brightness", 0.4), contrast=cj.get("contrast", 0.4),
-            saturation=cj.get("saturation", 0.4), hue=cj.get("hue", 0.1))], p=float(cj["p"])))
-    if float(cfg.get("grayscale_p", 0.0)) > 0:
-        ops.append(v2.RandomGrayscale(float(cfg["grayscale_p"])))
-    blur = dict(cfg.get("blur", {}))
-    if float(blur.get("p", 0.0)) > 0:
-        sigma = tuple(float(s) for s in blur.get("sigma", (0.1, 2.0)))
-        kernel = blur.get("kernel_size")
-        op = (PILGaussianBlur(sigma) if kernel is None
-              else v2.GaussianBlur(int(kernel), sigma=sigma))
-        ops.append(v2.RandomApply([op], p=float(blur["p"])))
-    if float(cfg.get("hflip", 0.0)) > 0:
-        ops.append(v2.RandomHorizontalFlip(float(cfg["hflip"])))
+    cj = cfg.color_jitter
+    if cj.p > 0:
+        ops.append(v2.RandomApply([v2.ColorJitter(brightness=cj.brightness, contrast=cj.contrast,
+                                                  saturation=cj.saturation, hue=cj.hue)], p=cj.p))
+    if cfg.grayscale_p > 0:
+        ops.append(v2.RandomGrayscale(cfg.grayscale_p))
+    blur = cfg.blur
+    if blur.p > 0:
+        op = (PILGaussianBlur(blur.sigma) if blur.kernel_size is None
+              else v2.GaussianBlur(blur.kernel_size, sigma=blur.sigma))
+        ops.append(v2.RandomApply([op], p=blur.p))
+    if cfg.hflip > 0:
+        ops.append(v2.RandomHorizontalFlip(cfg.hflip))
     return v2.Compose(ops + _finish(mean, std))
 
 
 class ImageViews:
-    """One weak and ``num_strong`` strong views of a PIL image, from ``views.image``."""
+    """One weak and ``num_strong`` strong views of a PIL image, from ``views.image`` (the typed
+    :class:`training.settings.ImageViewsConfig`; a partial mapping is merged over
+    ``configs/train/improved.yaml``'s)."""
 
-    def __init__(self, cfg: Mapping, preprocess_cfg, num_strong: int = 2):
-        self.weak = build_weak_transform(dict(cfg.get("weak", {})), preprocess_cfg)
-        self.strong = build_strong_transform(dict(cfg.get("strong", {})), preprocess_cfg)
+    def __init__(self, cfg: ImageViewsConfig | Mapping, preprocess_cfg, num_strong: int = 2):
+        cfg = section_view(ImageViewsConfig, "improved", "views.image", cfg)
+        self.weak = build_weak_transform(cfg.weak, preprocess_cfg)
+        self.strong = build_strong_transform(cfg.strong, preprocess_cfg)
         self.num_strong = int(num_strong)
 
     def __call__(self, image, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,8 @@ import random
 import string
 from typing import Callable, Mapping, Sequence
 
+from training.settings import TextViewsConfig, section_view
+
 __all__ = [
     "EDA_OPS",
     "TextAugmenter",
@@ -101,28 +103,26 @@ def synonym_replacement(words: Sequence[str], n: int, rng: random.Random,
 
 
 class TextAugmenter:
-    """Weak and strong text views from the ``views.text`` config section.
+    """Weak and strong text views from the ``views.text`` config section (the typed
+    :class:`training.settings.TextViewsConfig`; a partial mapping is merged over
+    ``configs/train/improved.yaml``'s).
 
     ``thesaurus``: an object with ``synonyms(word) -> list[str]``; by default the one configured
     in ``text.synonyms`` (loaded lazily, only when the synonym op has a non-zero probability).
     """
 
-    def __init__(self, cfg: Mapping, thesaurus=None):
-        weak, strong = dict(cfg.get("weak", {})), dict(cfg.get("strong", {}))
-        self.weak_stopwords_p = _prob(weak.get("stopwords_p", 0.0), "text.weak.stopwords_p")
-        self.strong_stopwords_p = _prob(strong.get("stopwords_p", 0.0),
-                                        "text.strong.stopwords_p")
-        ops = dict(strong.get("ops", {}))
-        unknown = set(ops) - set(EDA_OPS)
-        if unknown:
-            raise ValueError(f"unknown text.strong.ops {sorted(unknown)}; known: {list(EDA_OPS)}")
-        self.op_probs = [(op, _prob(ops.get(op, 0.0), f"text.strong.ops.{op}")) for op in EDA_OPS]
+    def __init__(self, cfg: TextViewsConfig | Mapping, thesaurus=None):
+        cfg = section_view(TextViewsConfig, "improved", "views.text", cfg)
+        strong = cfg.strong
+        self.weak_stopwords_p = _prob(cfg.weak.stopwords_p, "text.weak.stopwords_p")
+        self.strong_stopwords_p = _prob(strong.stopwords_p, "text.strong.stopwords_p")
+        self.op_probs = [(op, _prob(getattr(strong.ops, op), f"text.strong.ops.{op}")) for op in EDA_OPS]
         if sum(p for _, p in self.op_probs) > 1.0 + 1e-9:
-            raise ValueError(f"text.strong.ops probabilities sum to more than 1: {ops}")
-        self.synonym_n = _count(strong.get("synonym_n", 1), "text.strong.synonym_n")
-        self.swap_n = _count(strong.get("swap_n", 1), "text.strong.swap_n")
-        self.delete_p = _prob(strong.get("delete_p", 0.1), "text.strong.delete_p")
-        self.synonyms_cfg = dict(cfg.get("synonyms", {}))
+            raise ValueError(f"text.strong.ops probabilities sum to more than 1: {dict(self.op_probs)}")
+        self.synonym_n = _count(strong.synonym_n, "text.strong.synonym_n")
+        self.swap_n = _count(strong.swap_n, "text.strong.swap_n")
+        self.delete_p = _prob(strong.delete_p, "text.strong.delete_p")
+        self.synonyms_cfg = cfg.synonyms
         self._thesaurus = thesaurus
         self._own_thesaurus = thesaurus is None
         self.stop = stopwords()

@@ -27,6 +27,8 @@ import warnings
 from pathlib import Path
 from typing import Mapping
 
+from training.settings import SynonymsConfig, section_view
+
 __all__ = [
     "DEFAULT_PATHS",
     "DEBIAN_PACKAGES",
@@ -195,13 +197,9 @@ def _load(source: str, path: str | None) -> Thesaurus:
     return _SOURCES[source](path)
 
 
-def load_thesaurus(cfg: Mapping | None = None) -> Thesaurus:
-    """The thesaurus configured by ``{"source": "wordnet" | "mythes", "path": None | str}``
-    (``views.text.synonyms``), loaded once per process."""
-    cfg = dict(cfg or {})
-    source = str(cfg.get("source") or "wordnet").lower()
-    if source not in _SOURCES:
-        raise ValueError(f"views.text.synonyms.source must be one of {sorted(_SOURCES)}, "
-                         f"got '{source}'")
-    path = cfg.get("path")
-    return _load(source, str(path) if path else None)
+def load_thesaurus(cfg: SynonymsConfig | Mapping | None = None) -> Thesaurus:
+    """The thesaurus configured by ``views.text.synonyms`` (``source``: wordnet | mythes,
+    ``path``: null for the Debian package's; a partial mapping is merged over
+    ``configs/train/improved.yaml``'s), loaded once per process."""
+    cfg = section_view(SynonymsConfig, "improved", "views.text.synonyms", cfg)
+    return _load(cfg.source, str(cfg.path) if cfg.path else None)

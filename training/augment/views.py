@@ -24,22 +24,27 @@ import torch
 from curation.common.config import CONFIG_DIR
 from training.augment.image import ImageViews
 from training.augment.text import TextAugmenter
+from training.settings import ViewsConfig
 
 __all__ = ["DEFAULTS_FILE", "MultiViewTransform", "sample_seed", "views_config"]
 
 DEFAULTS_FILE = CONFIG_DIR / "train" / "improved.yaml"  # its `views` section
 
 
-def views_config(cfg: Mapping | None = None) -> dict:
-    """The ``views`` defaults with ``cfg`` (a ``views`` section, or a whole config holding one)
-    merged over them; unknown keys raise ``curation.common.config.ConfigError``."""
-    from curation.common.config import deep_merge, load_yaml
+def views_config(cfg: ViewsConfig | Mapping | None = None) -> ViewsConfig:
+    """The typed ``views`` section (:class:`training.settings.ViewsConfig`): a view as it is, or
+    ``cfg`` (a partial ``views`` section, or a whole config holding one) merged over
+    ``configs/train/improved.yaml``'s; an unknown key or a wrong value raises
+    ``curation.common.config.ConfigError`` naming it."""
+    from curation.common.config import deep_merge, load_yaml, typed_view
 
+    if isinstance(cfg, ViewsConfig):
+        return cfg
     defaults = load_yaml(DEFAULTS_FILE)["views"]
     cfg = dict(cfg or {})
     if "views" in cfg and isinstance(cfg["views"], Mapping):
         cfg = dict(cfg["views"])
-    return deep_merge(defaults, cfg, _prefix="views.")
+    return typed_view(ViewsConfig, deep_merge(defaults, cfg, _prefix="views."), "views")
 
 
 def sample_seed(base_seed: int, key, epoch: int = 0) -> int:
@@ -51,16 +56,16 @@ def sample_seed(base_seed: int, key, epoch: int = 0) -> int:
 class MultiViewTransform:
     """Weak and strong image and text views of one pair (module docstring)."""
 
-    def __init__(self, cfg: Mapping | None, preprocess_cfg, tokenizer, seed: int | None = None,
-                 thesaurus=None):
+    def __init__(self, cfg: ViewsConfig | Mapping | None, preprocess_cfg, tokenizer,
+                 seed: int | None = None, thesaurus=None):
         self.cfg = views_config(cfg)
-        self.num_strong = int(self.cfg["num_strong"])
+        self.num_strong = self.cfg.num_strong
         if self.num_strong < 1:
             raise ValueError(f"views.num_strong must be >= 1, got {self.num_strong}")
-        self.images = ImageViews(self.cfg["image"], preprocess_cfg, self.num_strong)
-        self.texts = TextAugmenter(self.cfg["text"], thesaurus=thesaurus)
+        self.images = ImageViews(self.cfg.image, preprocess_cfg, self.num_strong)
+        self.texts = TextAugmenter(self.cfg.text, thesaurus=thesaurus)
         self.tokenizer = tokenizer
-        self.seed = int(self.cfg["seed"] if seed is None else seed)
+        self.seed = int(self.cfg.seed if seed is None else seed)
         self._rng = random.Random(self.seed)
 
     def text_views(self, caption: str, seed: int) -> tuple[str, list[str]]:
