@@ -96,13 +96,14 @@ def test_log_window_and_step_metrics():
 
 
 def test_eval_schedule():
-    every2 = EvalSchedule({"every_n_epochs": 2})
+    every2 = EvalSchedule(enabled=True, every_n_epochs=2)
     assert [e for e in range(1, 7) if every2.after_epoch(e, step=5, total_steps=10)] == [2, 4, 6]
     assert not every2.after_epoch(2, step=10, total_steps=10)  # the last step: only the final eval
     assert every2.at_end()
-    off = EvalSchedule({"every_n_epochs": 1, "enabled": False})
+    off = EvalSchedule(enabled=False, every_n_epochs=1)
     assert not off.after_epoch(1, 1, 10) and not off.at_end()
-    assert not EvalSchedule({}).after_epoch(1, 1, 10) and EvalSchedule({}).at_end()
+    at_end_only = EvalSchedule(enabled=True, every_n_epochs=0)  # clip.yaml's schedule
+    assert not at_end_only.after_epoch(1, 1, 10) and at_end_only.at_end()
 
 
 def test_checkpoint_reporter_saves_reports_marks_and_resumes(tmp_path):

@@ -349,3 +349,28 @@ def test_typed_view_of_each_recipe_and_a_wrong_value_through_main():
         assert proc.returncode == 2, proc.stderr[-2000:]
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], proc.stderr
+
+
+def test_eval_section_is_merged_strictly_and_checked_at_the_entry(tmp_path, monkeypatch):
+    """clip.yaml's ``eval`` is merged strictly over configs/eval/default.yaml (only the loop's
+    schedule keys are its own), and the entry checks the merged section with evaluate's typed view:
+    a typo in a shipped YAML or a wrong eval value fails before any work, naming the key."""
+    import training.train as train_mod
+    from curation.common.config import ConfigError, load_yaml
+
+    good = train_mod.default_config()
+    assert good["eval"]["enabled"] is True and good["eval"]["every_n_epochs"] == 0
+    assert good["eval"]["fewshot"]["enabled"] is False  # clip.yaml's value over evaluate's default
+    broken = load_yaml(train_mod.DEFAULT_CONFIG)
+    broken["eval"]["fewshot"] = {"enabld": True}
+    path = tmp_path / "clip.yaml"
+    path.write_text(__import__("yaml").safe_dump(broken))
+    monkeypatch.setattr(train_mod, "DEFAULT_CONFIG", path)
+    with pytest.raises(ConfigError, match="eval.fewshot.enabld"):
+        train_mod.default_config()
+    monkeypatch.undo()
+    cfg = train_mod.build_train_config(None, ["eval.fewshot.shots=[1, 2]"])
+    assert train_mod.checked_config(cfg).eval["fewshot"]["shots"] == [1, 2]
+    wrong = train_mod.build_train_config(None, ["eval.fewshot.shots=[one, two]"])  # a list: merges
+    with pytest.raises(ConfigError, match="eval.fewshot.shots"):
+        train_mod.checked_config(wrong)

@@ -364,10 +364,8 @@ class EvalSchedule:
     """When to evaluate: after every ``eval.every_n_epochs``-th epoch that ends before the last
     step (0: never), and once at the end; nothing when ``eval.enabled`` is false."""
 
-    def __init__(self, eval_cfg: dict):
-        self.cfg = eval_cfg
-        self.enabled = bool(eval_cfg.get("enabled", True))
-        self.every = int(eval_cfg.get("every_n_epochs") or 0)
+    def __init__(self, enabled: bool, every_n_epochs: int):
+        self.enabled, self.every = bool(enabled), int(every_n_epochs)
 
     def after_epoch(self, epoch: int, step: int, total_steps: int) -> bool:
         return bool(self.every) and self.enabled and epoch % self.every == 0 and step < total_steps
@@ -559,7 +557,7 @@ def train_loop_per_worker(config: dict) -> None:
                                      arch=cfg.model.arch, recipe=cfg.recipe, every=tcfg.checkpoint_every_steps,
                                      total_steps=total_steps, is_main=is_main, run_url=run_url,
                                      storage=storage, logger=logger, last_saved=step if resumed else -1)
-    evals = EvalSchedule(cfg.eval)
+    evals = EvalSchedule(cfg.eval["enabled"], cfg.eval["every_n_epochs"])  # clip.yaml's schedule keys
     train_step = TrainStep(net, module, optimizer, scheduler, scaler, device, amp_dtype, tcfg.grad_clip_norm)
     log_every = max(1, tcfg.log_every_steps)
     shard = ray.train.get_dataset_shard("train")
@@ -601,11 +599,11 @@ def train_loop_per_worker(config: dict) -> None:
         if epoch_step >= steps_per_epoch or done_this_epoch < budget:
             epoch, epoch_step = epoch + 1, 0
             if is_main and evals.after_epoch(epoch, step, total_steps):
-                evaluate_and_log(recipe, module, evals.cfg, device, logger, step)
+                evaluate_and_log(recipe, module, cfg.eval, device, logger, step)
 
     final = {"step": step, "epoch": epoch, **without_total(last), "worker_nodes": worker_nodes}
     if is_main and evals.at_end():
-        final.update(evaluate_and_log(recipe, module, evals.cfg, device, logger, step, save_as="eval.json"))
+        final.update(evaluate_and_log(recipe, module, cfg.eval, device, logger, step, save_as="eval.json"))
     logger.close()
     checkpoints.report(final, step=step, epoch=epoch, epoch_step=epoch_step,
                        with_checkpoint=checkpoints.last_saved != step)

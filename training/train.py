@@ -78,7 +78,9 @@ def default_config(recipe: str | None = None) -> dict:
             cfg = merge_recipe_file(cfg, extra, recipe)
     if EVAL_DEFAULTS.exists():
         defaults = load_yaml(EVAL_DEFAULTS)
-        cfg["eval"] = deep_merge(defaults.get("eval", defaults), cfg.get("eval") or {}, strict=False)
+        own = dict(cfg.get("eval") or {})
+        schedule = {k: own.pop(k) for k in SCHEDULE_KEYS if k in own}  # the loop's, not evaluate's
+        cfg["eval"] = {**deep_merge(defaults.get("eval", defaults), own, _prefix="eval."), **schedule}
     return cfg
 
 
