@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import random
 import socket
@@ -18,6 +19,7 @@ from training.augment.text import (TextAugmenter, random_deletion, random_swap, 
                                    stopwords, synonym_replacement)
 from training.augment.thesaurus import ThesaurusNotFoundError, load_thesaurus
 from training.augment.views import MultiViewTransform, sample_seed, views_config
+from training.settings import ImageViewsConfig, SynonymsConfig, TextViewsConfig
 
 PP = {"size": 32, "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}
 CAR_SYNONYMS = {"auto", "automobile", "machine", "motorcar", "railcar", "railway car",
@@ -25,6 +27,7 @@ CAR_SYNONYMS = {"auto", "automobile", "machine", "motorcar", "railcar", "railway
 CAPTIONS = ["a dog sitting on a red couch next to the car",
             "two people riding bicycles along the river at sunset",
             "the old man is reading a newspaper in the park"]
+NO_OPS = {"synonym": 0.0, "swap": 0.0, "delete": 0.0}  # views.text.strong.ops: no EDA op
 
 
 def _image(h=48, w=48, seed=0) -> Image.Image:
@@ -55,11 +58,16 @@ def _unnormalize(x: torch.Tensor) -> torch.Tensor:
     return x * std + mean
 
 
-def _identity_image_cfg(**strong):
+def _identity_image_cfg(**strong) -> ImageViewsConfig:
     """Views that keep the whole (square) picture: crops cover it all, all strong ops off."""
     full = {"scale": [1.0, 1.0], "ratio": [1.0, 1.0], "hflip": 0.0}
     off = {"color_jitter": {"p": 0.0}, "grayscale_p": 0.0, "blur": {"p": 0.0}}
-    return {"weak": dict(full), "strong": {**full, **off, **strong}}
+    return views_config({"image": {"weak": dict(full), "strong": {**full, **off, **strong}}}).image
+
+
+def _text_cfg(text: dict) -> TextViewsConfig:
+    """The typed ``views.text`` section with ``text`` merged over the recipe's."""
+    return views_config({"text": text}).text
 
 
 # ---- thesauri (first: they load WordNet with the network switched off) --------------------
@@ -78,9 +86,9 @@ def no_network(monkeypatch):
 
 def test_text_views_work_without_network(no_network):
     thesaurus_mod._load.cache_clear()
-    cfg = views_config({"text": {"strong": {"ops": {"synonym": 1.0, "swap": 0.0, "delete": 0.0}}}})
+    cfg = views_config({"text": {"strong": {"ops": {**NO_OPS, "synonym": 1.0}}}})
     for source in ("wordnet", "mythes"):
-        aug = TextAugmenter({**as_dict(cfg.text), "synonyms": {"source": source, "path": None}})
+        aug = TextAugmenter(dataclasses.replace(cfg.text, synonyms=SynonymsConfig(source, None)))
         weak, strong = aug.views("a red car parked near a small house", random.Random(0))
         assert weak and len(strong) == 2
         assert all(s != "a red car parked near a small house" for s in strong)
@@ -117,8 +125,8 @@ def test_missing_thesaurus_is_a_clear_error(tmp_path, source, package):
 
 
 def test_thesaurus_not_needed_when_synonyms_off(tmp_path):
-    aug = TextAugmenter({"strong": {"ops": {"synonym": 0.0, "swap": 1.0, "delete": 0.0}},
-                        "synonyms": {"source": "wordnet", "path": str(tmp_path / "absent")}})
+    absent = {"source": "wordnet", "path": str(tmp_path / "absent")}
+    aug = TextAugmenter(_text_cfg({"strong": {"ops": {**NO_OPS, "swap": 1.0}}, "synonyms": absent}))
     assert sorted(aug.strong("red car", random.Random(0)).split()) == ["car", "red"]
 
 
@@ -162,35 +170,34 @@ def test_synonym_replacement_replaces_n_words_keeping_punctuation():
 
 @pytest.mark.parametrize("source", ["wordnet", "mythes"])
 def test_strong_text_synonym_view_picks_real_synonyms(source):
-    aug = TextAugmenter({"weak": {"stopwords_p": 0.0},
-                         "strong": {"stopwords_p": 1.0, "synonym_n": 1,
-                                    "ops": {"synonym": 1.0, "swap": 0.0, "delete": 0.0}},
-                         "synonyms": {"source": source, "path": None}})
+    aug = TextAugmenter(_text_cfg({"weak": {"stopwords_p": 0.0},
+                                   "strong": {"stopwords_p": 1.0, "synonym_n": 1,
+                                              "ops": {**NO_OPS, "synonym": 1.0}},
+                                   "synonyms": {"source": source, "path": None}}))
     outs = {aug.strong("the car", random.Random(s)) for s in range(20)}
     assert outs <= CAR_SYNONYMS and len(outs) > 1
 
 
 def test_text_views_deterministic_under_seed_and_as_configured():
-    cfg = views_config({"text": {"synonyms": {"source": "mythes"}}}).text
-    aug = TextAugmenter(cfg)
+    aug = TextAugmenter(_text_cfg({"synonyms": {"source": "mythes"}}))
     for caption in CAPTIONS:
         first = aug.views(caption, random.Random(42))
         assert aug.views(caption, random.Random(42)) == first
         outs = {(w, *ss) for w, ss in (aug.views(caption, random.Random(s)) for s in range(20))}
         assert len(outs) > 3
     # all probabilities 0: every view is the caption itself
-    off = {"weak": {"stopwords_p": 0.0},
-           "strong": {"stopwords_p": 0.0, "ops": {"synonym": 0.0, "swap": 0.0, "delete": 0.0}}}
+    off = _text_cfg({"weak": {"stopwords_p": 0.0},
+                     "strong": {"stopwords_p": 0.0, "ops": NO_OPS}})
     assert TextAugmenter(off).views(CAPTIONS[0], random.Random(1)) == (CAPTIONS[0],
                                                                        [CAPTIONS[0]] * 2)
     # stopword removal always, no EDA op: weak and strong are the caption without stopwords
-    sw = {"weak": {"stopwords_p": 1.0},
-          "strong": {"stopwords_p": 1.0, "ops": {"synonym": 0.0, "swap": 0.0, "delete": 0.0}}}
+    sw = _text_cfg({"weak": {"stopwords_p": 1.0},
+                    "strong": {"stopwords_p": 1.0, "ops": NO_OPS}})
     assert TextAugmenter(sw).views(CAPTIONS[0], random.Random(1)) == (
         "dog sitting red couch car", ["dog sitting red couch car"] * 2)
     # swap always: the strong views are permutations of the (stopword-free) weak view
-    swap = {"weak": {"stopwords_p": 1.0},
-            "strong": {"stopwords_p": 1.0, "ops": {"synonym": 0.0, "swap": 1.0, "delete": 0.0}}}
+    swap = _text_cfg({"weak": {"stopwords_p": 1.0},
+                      "strong": {"stopwords_p": 1.0, "ops": {**NO_OPS, "swap": 1.0}}})
     weak, strong = TextAugmenter(swap).views(CAPTIONS[1], random.Random(5))
     assert all(sorted(s.split()) == sorted(weak.split()) and s != weak for s in strong)
 
@@ -274,7 +281,7 @@ def test_image_views_seeded_and_leave_global_rng_alone():
 # ---- all views of a pair -------------------------------------------------------------------
 
 def test_multiview_transform_outputs_and_determinism():
-    cfg = {"text": {"synonyms": {"source": "mythes"}}}
+    cfg = views_config({"text": {"synonyms": {"source": "mythes"}}})
     mv = MultiViewTransform(cfg, PP, _Tokenizer(), seed=5)
     out = mv(_image().convert("L"), CAPTIONS[0])  # grayscale input is converted to RGB
     assert out["image"].shape == (3, 32, 32) and out["image_strong"].shape == (2, 3, 32, 32)

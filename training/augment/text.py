@@ -116,9 +116,11 @@ class TextAugmenter:
         strong = cfg.strong
         self.weak_stopwords_p = _prob(cfg.weak.stopwords_p, "text.weak.stopwords_p")
         self.strong_stopwords_p = _prob(strong.stopwords_p, "text.strong.stopwords_p")
-        self.op_probs = [(op, _prob(getattr(strong.ops, op), f"text.strong.ops.{op}")) for op in EDA_OPS]
+        self.op_probs = [(op, _prob(getattr(strong.ops, op), f"text.strong.ops.{op}"))
+                         for op in EDA_OPS]
         if sum(p for _, p in self.op_probs) > 1.0 + 1e-9:
-            raise ValueError(f"text.strong.ops probabilities sum to more than 1: {dict(self.op_probs)}")
+            raise ValueError("text.strong.ops probabilities sum to more than 1: "
+                             f"{dict(self.op_probs)}")
         self.synonym_n = _count(strong.synonym_n, "text.strong.synonym_n")
         self.swap_n = _count(strong.swap_n, "text.strong.swap_n")
         self.delete_p = _prob(strong.delete_p, "text.strong.delete_p")

@@ -6,9 +6,10 @@ data path (inside a Ray Data map) with a PIL image and its caption and returns::
     {"image": weak view [3, H, W] float, "image_strong": [num_strong, 3, H, W] float,
      "text": weak tokens [L] long, "text_strong": [num_strong, L] long}
 
-``cfg`` is the ``views`` section (its defaults are those of the recipe, the ``views`` section of
-``configs/train/improved.yaml``; a partial mapping is merged over them and unknown keys are errors). Seeding: every call draws its seed from
-a ``random.Random(seed)`` owned by the transform (give each worker its own ``seed``), unless the
+``cfg`` is the typed ``views`` section (:class:`training.settings.ViewsConfig`, see
+:func:`views_config`; a partial mapping is merged over ``configs/train/improved.yaml``'s ``views``
+section, unknown keys and wrong values are errors). Seeding: every call draws its seed from a
+``random.Random(seed)`` owned by the transform (give each worker its own ``seed``), unless the
 caller passes ``seed=`` explicitly, e.g. ``sample_seed(base, key, epoch)``, which makes a
 sample's views independent of which worker made them and in what order.
 """
