@@ -278,8 +278,8 @@ def build_dataset(data_cfg, transform: Callable, *, shuffle_files: bool = True,
     """Ray Dataset of transformed samples for the shards named by ``data.train``.
 
     ``data_cfg``: the ``data`` section (:class:`training.settings.DataConfig`; a partial mapping
-    is merged over ``configs/train/clip.yaml``'s). With ``data.deterministic`` (the default) every epoch reads the shards in one seeded
-    order and Ray Data preserves the row order, so the rows each training worker receives are a
+    is merged over ``configs/train/clip.yaml``'s). With ``data.deterministic`` (the default)
+    every epoch reads the shards in one seeded order and Ray Data preserves the row order, so the rows each training worker receives are a
     function of the seed alone: a run resumed mid-epoch replays the interrupted epoch's order and
     skips what it had already trained on (the per-epoch variety then comes from the seeded local
     shuffle buffer). Off: a fresh random shard order per epoch and no ordering constraint."""

@@ -41,14 +41,17 @@ import contextlib
 import functools
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+if TYPE_CHECKING:
+    from training.settings import ImprovedProjectors
+
 __all__ = ["ImprovedCLIP", "ImprovedEmbedder", "StrongProjector",
            "find_resblocks", "should_sync_batchnorm", "to_sync_batchnorm"]
-
 
 
 class StrongProjector(nn.Sequential):
@@ -99,7 +102,8 @@ class ImprovedCLIP(nn.Module):
     mapping merged over ``configs/train/improved.yaml``'s (unknown keys are errors).
     """
 
-    def __init__(self, clip: nn.Module, cfg: Mapping | None = None, arch: str | None = None):
+    def __init__(self, clip: nn.Module, cfg: ImprovedProjectors | Mapping | None = None,
+                 arch: str | None = None):
         super().__init__()
         from training.settings import ImprovedProjectors, section_view
 

@@ -23,7 +23,8 @@ from torch import nn
 
 from training.checkpoint import (checkpoint_dir_name, fetch_dir, load_train_state, mark_complete,
                                  newest_complete, read_meta, save_checkpoint, unwrap)
-from training.settings import DebugConfig, TrainConfig, TrainSection, section_view, train_config
+from training.settings import (SCHEDULE_KEYS, DebugConfig, TrainConfig, TrainSection, section_view,
+                               train_config)
 
 
 class TrainModule(nn.Module):
@@ -227,7 +228,7 @@ def run_eval(recipe, module: nn.Module, eval_cfg: dict, device, log=None) -> dic
     except ImportError as exc:
         log(f"evaluation skipped: training.evaluate is not available ({exc})")
         return None
-    cfg = {k: v for k, v in eval_cfg.items() if k not in ("enabled", "every_n_epochs")}
+    cfg = {k: v for k, v in eval_cfg.items() if k not in SCHEDULE_KEYS}
     model = unwrap(module).model
     return run_evaluation(recipe.embedder(model, device=device), cfg, log=log)
 

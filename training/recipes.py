@@ -30,7 +30,7 @@ from typing import Callable
 
 from torch import nn
 
-from training.settings import TrainConfig
+from training.settings import TrainConfig, plain_config, train_config
 
 RECIPES: dict[str, type] = {}
 # modules imported on first use of a name that is not registered yet (a new recipe adds its own)
@@ -63,12 +63,8 @@ def get_recipe(cfg) -> "Recipe":
     """The recipe of ``cfg``: a typed view (:func:`training.settings.train_config`), or a plain
     config dict (e.g. a checkpoint's ``meta.json``, maybe written before a key was added: merged
     over the recipe's defaults, then parsed)."""
-    from training.settings import plain_config, train_config
-
-    if isinstance(cfg, TrainConfig):
-        return recipe_class(cfg.recipe)(cfg)
-    cls = recipe_class(cfg.get("recipe") or "clip")
-    return cls(train_config(plain_config(cfg)))
+    view = cfg if isinstance(cfg, TrainConfig) else train_config(plain_config(cfg))
+    return recipe_class(view.recipe)(view)
 
 
 class Recipe:
@@ -81,8 +77,6 @@ class Recipe:
     config_class: type | None = None
 
     def __init__(self, cfg: TrainConfig | Mapping):
-        from training.settings import train_config
-
         self.cfg = train_config(cfg)  # a merged plain config is parsed here (a view stays as it is)
         self.arch = self.cfg.model.arch
 

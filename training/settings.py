@@ -26,7 +26,10 @@ __all__ = ["TrainConfig", "DataConfig", "ModelConfig", "LossConfig", "TrainSecti
            "RunConfig", "DebugConfig", "RayConfig", "DiHTConfig", "DiHTLossConfig", "HNNCEConfig",
            "DistillConfig", "ImprovedConfig", "ImprovedDataConfig", "ImprovedModelConfig",
            "ImprovedProjectors", "ImprovedLossConfig", "SSLConfig", "ViewsConfig", "train_config",
-           "plain_config", "section_view", "as_dict"]
+           "plain_config", "section_view", "as_dict", "SCHEDULE_KEYS"]
+
+# clip.yaml's ``eval`` keys that are the training loop's schedule, not ``training.evaluate``'s
+SCHEDULE_KEYS = ("enabled", "every_n_epochs")
 
 
 # --- clip.yaml ------------------------------------------------------------------------------------
@@ -367,8 +370,7 @@ def section_view(cls: type, recipe: str, section: str, cfg=None):
     base = default_config(recipe)
     for part in section.split("."):
         base = base[part]
-    return typed_view(cls, deep_merge(base, copy.deepcopy(dict(cfg or {})), _prefix=f"{section}."),
-                      section)
+    return typed_view(cls, deep_merge(base, cfg or {}, _prefix=f"{section}."), section)
 
 
 def plain_config(cfg: Mapping) -> dict:

@@ -24,11 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from curation.common.config import (CONFIG_DIR, ConfigError, apply_overrides, deep_merge, user_error,  # noqa: E402
                              load_yaml, parse_override)
-from training.settings import TrainConfig  # noqa: E402
+from training.settings import SCHEDULE_KEYS, TrainConfig  # noqa: E402
 
 DEFAULT_CONFIG = CONFIG_DIR / "train" / "clip.yaml"
 EVAL_DEFAULTS = CONFIG_DIR / "eval" / "default.yaml"
-SCHEDULE_KEYS = ("enabled", "every_n_epochs")  # clip.yaml's eval keys for the training loop's schedule
 
 
 class TrainError(RuntimeError):
@@ -246,18 +245,14 @@ def build_trainer(cfg: TrainConfig, log=print, storage=None):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from curation.common.storage import Storage, absolute, url_join
+    from curation.common.storage import Storage, url_join
 
     from training.data import build_dataset, count_samples, resolve_shards, start_error_counter
     from training.loop import train_loop_per_worker
     from training.recipes import get_recipe
 
     storage_settings = storage if storage is not None else Storage.capture(cfg.storage_options)
-    train_data = cfg.data.train
-    if not train_data:
-        train_data = ensure_demo_data(cfg, log=log)
-    elif isinstance(train_data, str):
-        train_data = absolute(train_data)  # workers may run in another directory
+    train_data = cfg.data.train or ensure_demo_data(cfg, log=log)  # absolute: see absolute_paths
     cfg = replace(cfg, data=replace(cfg.data, train=train_data))
     paths, fs = resolve_shards(train_data, storage_settings)
     num_samples = cfg.data.num_samples or count_samples(paths, fs)
@@ -321,8 +316,8 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     directory (``os.getcwd()`` fails; relative paths no longer resolve)."""
     from curation.common.storage import absolute
 
-    def fixed(section, **paths):
-        return replace(section, **{k: absolute(v) for k, v in paths.items() if isinstance(v, str) and v})
+    def fixed(section, *keys):
+        return replace(section, **{k: absolute(getattr(section, k)) for k in keys if getattr(section, k)})
 
     train_data = cfg.data.train
     if isinstance(train_data, str) and train_data:
@@ -332,9 +327,8 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     eval_cfg = dict(cfg.eval)
     if isinstance(eval_cfg.get("cache_dir"), str) and eval_cfg["cache_dir"]:
         eval_cfg["cache_dir"] = absolute(eval_cfg["cache_dir"])
-    return replace(cfg, data=replace(fixed(cfg.data, demo_output=cfg.data.demo_output), train=train_data),
-                   run=fixed(cfg.run, storage_path=cfg.run.storage_path, log_dir=cfg.run.log_dir),
-                   debug=fixed(cfg.debug, dir=cfg.debug.dir), eval=eval_cfg)
+    return replace(cfg, data=replace(fixed(cfg.data, "demo_output"), train=train_data),
+                   run=fixed(cfg.run, "storage_path", "log_dir"), debug=fixed(cfg.debug, "dir"), eval=eval_cfg)
 
 
 def train(cfg: TrainConfig | dict, log=print) -> dict:

@@ -22,14 +22,11 @@ from typing import Mapping
 
 import torch
 
-from curation.common.config import CONFIG_DIR
 from training.augment.image import ImageViews
 from training.augment.text import TextAugmenter
-from training.settings import ViewsConfig
+from training.settings import ViewsConfig, section_view
 
-__all__ = ["DEFAULTS_FILE", "MultiViewTransform", "sample_seed", "views_config"]
-
-DEFAULTS_FILE = CONFIG_DIR / "train" / "improved.yaml"  # its `views` section
+__all__ = ["MultiViewTransform", "sample_seed", "views_config"]
 
 
 def views_config(cfg: ViewsConfig | Mapping | None = None) -> ViewsConfig:
@@ -37,15 +34,9 @@ def views_config(cfg: ViewsConfig | Mapping | None = None) -> ViewsConfig:
     ``cfg`` (a partial ``views`` section, or a whole config holding one) merged over
     ``configs/train/improved.yaml``'s; an unknown key or a wrong value raises
     ``curation.common.config.ConfigError`` naming it."""
-    from curation.common.config import deep_merge, load_yaml, typed_view
-
-    if isinstance(cfg, ViewsConfig):
-        return cfg
-    defaults = load_yaml(DEFAULTS_FILE)["views"]
-    cfg = dict(cfg or {})
-    if "views" in cfg and isinstance(cfg["views"], Mapping):
-        cfg = dict(cfg["views"])
-    return typed_view(ViewsConfig, deep_merge(defaults, cfg, _prefix="views."), "views")
+    if isinstance(cfg, Mapping) and isinstance(cfg.get("views"), Mapping):
+        cfg = cfg["views"]
+    return section_view(ViewsConfig, "improved", "views", cfg)
 
 
 def sample_seed(base_seed: int, key, epoch: int = 0) -> int:
